@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh Debian/Ubuntu machine: installs what is missing (scripts/setup.sh),
+# builds once in release (llama.cpp is compiled once per cargo profile), runs the workspace tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash scripts/setup.sh | grep '^D2C_' | sed 's/^/export /')"
+cargo test --release --workspace --locked "$@"

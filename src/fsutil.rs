@@ -1,0 +1,51 @@
+//! File-system habits shared by every writer: atomic replace, never clobber an input.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// True when `a` and `b` name the same existing file (hard links and symlinks included).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Refuses an output path that is one of the inputs: a crash mid-write must never cost a user
+/// the adapter they started from.
+pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
+    for input in inputs {
+        if same_file(out, input) {
+            return Err(Error::Usage(format!(
+                "refusing to write {}: it is an input of this command (choose another output path)",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `path` through a temporary file in the same directory, synced, then renamed into place.
+pub fn write_atomic<T>(path: &Path, inputs: &[&Path], write: impl FnOnce(&mut File) -> io::Result<T>) -> Result<T> {
+    check_not_input(path, inputs)?;
+    let dir = parent_dir(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".d2c-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    let value = write(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(value)
+}

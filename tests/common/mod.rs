@@ -1,0 +1,132 @@
+//! Shared test fixtures: the real assets cached by `scripts/setup.sh`, and temp dirs.
+//! A missing asset fails the test loudly (run `scripts/setup.sh`): tests never skip silently.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("D2C_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf"),
+    }
+}
+
+fn asset(env: &str, rel: &str) -> PathBuf {
+    let p = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| cache_dir().join(rel));
+    assert!(p.exists(), "test asset {} is missing: run scripts/setup.sh (or set {env})", p.display());
+    p
+}
+
+/// SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, tied embeddings).
+pub fn base_model() -> PathBuf {
+    asset("D2C_BASE_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A real llama-server binary (wrapper script that sets its library path).
+pub fn llama_server() -> PathBuf {
+    asset("D2C_LLAMA_SERVER", "llama-server/llama-server")
+}
+
+/// Python with gguf-py (the independent GGUF reader) and numpy.
+pub fn python() -> PathBuf {
+    asset("D2C_PYTHON", "venv/bin/python")
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_d2c-gguf"))
+}
+
+/// Runs the d2c-gguf binary; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().expect("run d2c-gguf");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("d2c-test-").tempdir().expect("tempdir")
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Greatest |x - y| / max(|y|, floor).
+pub fn max_rel_err(x: &[f32], y: &[f32], floor: f32) -> f32 {
+    assert_eq!(x.len(), y.len());
+    x.iter().zip(y).map(|(a, b)| (a - b).abs() / b.abs().max(floor)).fold(0.0, f32::max)
+}
+
+/// A real llama-server child on a free loopback port, killed when dropped (even on panic).
+pub struct LlamaServer {
+    child: std::process::Child,
+    pub port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LlamaServer {
+    pub fn start(model: &Path, loras: &[&Path], extra: &[&str]) -> LlamaServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempdir();
+        let log = dir.path().join("server.log");
+        let mut cmd = Command::new(llama_server());
+        cmd.arg("-m").arg(model).args(["--host", "127.0.0.1", "--port", &port.to_string(), "-c", "2048", "-np", "1", "-t", "2"]);
+        for l in loras {
+            cmd.arg("--lora").arg(l);
+        }
+        if !loras.is_empty() {
+            cmd.arg("--lora-init-without-apply");
+        }
+        cmd.args(extra);
+        let logf = std::fs::File::create(&log).unwrap();
+        cmd.stdout(logf.try_clone().unwrap()).stderr(logf).stdin(std::process::Stdio::null());
+        let child = cmd.spawn().expect("start llama-server");
+        let mut s = LlamaServer { child, port, log, _dir: dir };
+        s.wait_healthy();
+        s
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("llama-server exited with {status}:\n{}", self.log_text());
+            }
+            if let Ok(r) = ureq::get(&self.url("/health")).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("llama-server not healthy after 120 s:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        ureq::get(&self.url(path)).call().expect("GET").body_mut().read_json().expect("json")
+    }
+
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        ureq::post(&self.url(path)).send_json(body).expect("POST").body_mut().read_json().expect("json")
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
