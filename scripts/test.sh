@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/setup.sh | grep '^D2C_' | sed 's/^/export /')"
-cargo test --release --workspace --locked "$@"
+# One test at a time: llama.cpp already uses every core, and its spinning thread pools slow
+# to a crawl when several tests oversubscribe the CPU.
+cargo test --release --workspace --locked -- --test-threads=1 "$@"

@@ -45,6 +45,13 @@ pub fn write_atomic<T>(path: &Path, inputs: &[&Path], write: impl FnOnce(&mut Fi
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
     let value = write(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
+    // Temporary files are created owner-only; what we publish must be readable by a
+    // llama-server running as another user, like any file the user's umask allows.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(path, e))?;
+    }
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(value)

@@ -76,11 +76,10 @@ impl LlamaServer {
         let log = dir.path().join("server.log");
         let mut cmd = Command::new(llama_server());
         cmd.arg("-m").arg(model).args(["--host", "127.0.0.1", "--port", &port.to_string(), "-c", "2048", "-np", "1", "-t", "2"]);
-        for l in loras {
-            cmd.arg("--lora").arg(l);
-        }
         if !loras.is_empty() {
-            cmd.arg("--lora-init-without-apply");
+            // Repeating --lora is deprecated (only the last one counts): one comma-separated list.
+            let list: Vec<String> = loras.iter().map(|l| l.display().to_string()).collect();
+            cmd.arg("--lora").arg(list.join(",")).arg("--lora-init-without-apply");
         }
         cmd.args(extra);
         let logf = std::fs::File::create(&log).unwrap();

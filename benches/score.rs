@@ -1,0 +1,236 @@
+//! Scoring speed against its limit: the raw `llama_decode` throughput of the same model, same
+//! threads, same batch size, in-process; and the time to switch adapters.
+//!
+//!     cargo bench --bench score -- [--threads N] [--batch N] [--samples N] [--model PATH]
+//!
+//! Workload: seeded English-like samples (prompt 40-160 tokens, completion 8-64 tokens).
+//! Reported:
+//! - raw decode: full batches of `--batch` tokens, one sequence, logits for the last token only
+//!   (the plain limit), and with logits at the same share of positions as the scorer requests
+//!   (the limit for this workload, since each requested row costs an output projection);
+//! - scorer: every token decoded per second (prompt + completion) and completion tokens per
+//!   second, base model and a rank-8 q/v adapter applied;
+//! - adapter switch: extra time of a decode right after switching adapters (llama.cpp rebuilds its
+//!   graph reservation on the next decode), median of many switches.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use d2c_gguf::adapter::DType;
+use d2c_gguf::base::BaseModel;
+use d2c_gguf::llama::{Batch, Model, Session, Token};
+use d2c_gguf::samples::Sample;
+use d2c_gguf::score::{ScoreJob, ScoreOptions, Scorer};
+use d2c_gguf::synth;
+use rand::Rng;
+
+struct Args {
+    model: PathBuf,
+    threads: i32,
+    batch: u32,
+    samples: usize,
+}
+
+fn args() -> Args {
+    let cache = std::env::var_os("D2C_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf")
+    });
+    let mut a = Args {
+        model: std::env::var_os("D2C_BASE_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        threads: d2c_gguf::llama::default_threads(),
+        batch: 512,
+        samples: 96,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = PathBuf::from(value()),
+            "--threads" => a.threads = value().parse().expect("--threads N"),
+            "--batch" => a.batch = value().parse().expect("--batch N"),
+            "--samples" => a.samples = value().parse().expect("--samples N"),
+            "--bench" => {} // added by `cargo bench`
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+const WORDS: &[&str] = &[
+    "the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "for", "on", "with", "as", "at", "by",
+    "river", "house", "small", "green", "quickly", "because", "morning", "answer", "question", "number",
+    "seven", "translate", "French", "city", "travelled", "across", "mountain", "under", "library", "bright",
+    "computer", "program", "returns", "value", "list", "sorted", "order", "people", "often", "forget",
+    "weather", "tomorrow", "yesterday", "colour", "blue", "reason", "simple", "example", "between",
+];
+
+fn text(rng: &mut impl Rng, words: usize) -> String {
+    let mut s = String::new();
+    for i in 0..words {
+        if i > 0 {
+            s.push(if rng.random_range(0..12) == 0 { ',' } else { ' ' });
+            if s.ends_with(',') {
+                s.push(' ');
+            }
+        }
+        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+        if rng.random_range(0..15) == 0 {
+            s.push('.');
+        }
+    }
+    s
+}
+
+fn workload(n: usize) -> Vec<Sample> {
+    let mut rng = synth::rng(42);
+    (0..n)
+        .map(|_| {
+            let p = rng.random_range(35..140);
+            let c = rng.random_range(6..55);
+            Sample { prompt: format!("Question: {}\nAnswer:", text(&mut rng, p)), completion: format!(" {}", text(&mut rng, c)) }
+        })
+        .collect()
+}
+
+/// Tokens per second of `rounds` decodes of one full `n_batch`-token sequence, requesting
+/// logits at every `1/logit_share`-th position (and always the last).
+fn raw_decode_rate(session: &mut Session<'_>, tokens: &[Token], n_batch: usize, logit_share: f64, rounds: usize) -> f64 {
+    let mut batch = Batch::new(n_batch, 1);
+    let mut fill = |batch: &mut Batch, round: usize| {
+        batch.clear();
+        let mut owed = 0.0;
+        for i in 0..n_batch {
+            owed += logit_share;
+            let want = owed >= 1.0 || i + 1 == n_batch;
+            if owed >= 1.0 {
+                owed -= 1.0;
+            }
+            batch.add(tokens[(round * 7919 + i) % tokens.len()], i as i32, &[0], want).unwrap();
+        }
+    };
+    // Warm-up: the first decode reserves buffers.
+    fill(&mut batch, 0);
+    session.decode(&mut batch).unwrap();
+    session.clear_kv();
+    let t = Instant::now();
+    for r in 0..rounds {
+        fill(&mut batch, r + 1);
+        session.decode(&mut batch).unwrap();
+        session.clear_kv();
+    }
+    (rounds * n_batch) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let args = args();
+    let dir = tempfile::tempdir().unwrap();
+    let base = BaseModel::open(&args.model).unwrap();
+    let adapter_paths: Vec<PathBuf> = (0..2)
+        .map(|k| {
+            let a = synth::random_adapter(&base, &["attn_q", "attn_v"], 8, 16.0, 0.03, 100 + k).unwrap();
+            let p = dir.path().join(format!("a{k}.gguf"));
+            a.write(&p, DType::F32, &[]).unwrap();
+            p
+        })
+        .collect();
+    let samples = workload(args.samples);
+    let n_batch = args.batch as usize;
+    println!("model {}  threads {}  batch {}  samples {}", args.model.display(), args.threads, args.batch, samples.len());
+
+    let opts = ScoreOptions { threads: Some(args.threads), n_batch: args.batch, n_ctx: None, progress: false };
+    let mut scorer = Scorer::new(&args.model, opts).unwrap();
+    let a0 = scorer.add_adapter(&adapter_paths[0]).unwrap();
+    let tokenised: Vec<_> = samples.iter().map(|s| scorer.tokenize_sample(s).unwrap()).collect();
+    let all_tokens: usize = tokenised.iter().map(|t| t.tokens.len()).sum();
+    let scored_tokens: usize = tokenised.iter().map(|t| t.n_scored()).sum();
+    let logit_share = scored_tokens as f64 / all_tokens as f64;
+    println!("workload: {all_tokens} tokens, {scored_tokens} scored ({:.0} %)", 100.0 * logit_share);
+
+    // Scorer, warmed up once (first decodes reserve buffers), then timed.
+    let mut scorer_rate = |adapter: Option<usize>| {
+        let job = [ScoreJob { adapter, scale: 1.0, samples: &samples }];
+        scorer.score(&job).unwrap();
+        let reps = 3;
+        let t = Instant::now();
+        for _ in 0..reps {
+            scorer.score(&job).unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64() / reps as f64;
+        (all_tokens as f64 / secs, scored_tokens as f64 / secs)
+    };
+    let (score_base, score_base_c) = scorer_rate(None);
+    let (score_lora, score_lora_c) = scorer_rate(Some(a0));
+    drop(scorer);
+
+    // Raw decode on a separate model instance with the same adapters.
+    let mut model = Model::load(&args.model).unwrap();
+    let mut adapters: Vec<_> = adapter_paths.iter().map(|p| model.load_adapter(p).unwrap()).collect();
+    let corpus: Vec<Token> = tokenised.iter().flat_map(|t| t.tokens.iter().copied()).collect();
+    let rounds = (3 * all_tokens / n_batch).max(4);
+    let mut session = model.session(args.batch, args.batch, 1, Some(args.threads), &mut adapters).unwrap();
+    let raw_last = raw_decode_rate(&mut session, &corpus, n_batch, 0.0, rounds);
+    let raw_same = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
+    session.set_adapter(Some((0, 1.0))).unwrap();
+    let raw_lora_same = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
+
+    // Adapter switch: a short decode right after a switch, against the same decode without one.
+    let short = 8usize;
+    let mut batch = Batch::new(n_batch, 1);
+    let mut short_decode = |session: &mut Session<'_>| {
+        batch.clear();
+        for i in 0..short {
+            batch.add(corpus[i], i as i32, &[0], i + 1 == short).unwrap();
+        }
+        let t = Instant::now();
+        session.decode(&mut batch).unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    let mut plain = Vec::new();
+    let mut switched = Vec::new();
+    let mut set_only = Vec::new();
+    for k in 0..30 {
+        session.set_adapter(Some((k % 2, 1.0))).unwrap();
+        switched.push(short_decode(&mut session));
+        session.clear_kv();
+        plain.push(short_decode(&mut session));
+        session.clear_kv();
+        let t = Instant::now();
+        session.set_adapter(Some(((k + 1) % 2, 1.0))).unwrap();
+        set_only.push(t.elapsed().as_secs_f64());
+        session.set_adapter(Some((k % 2, 1.0))).unwrap();
+        short_decode(&mut session);
+        session.clear_kv();
+    }
+    let switch_ms = (median(switched.clone()) - median(plain.clone())) * 1e3;
+
+    println!();
+    println!("raw decode, logits at last token only        {:>9.0} tokens/s", raw_last);
+    println!("raw decode, logits at {:>3.0} % of positions     {:>9.0} tokens/s", 100.0 * logit_share, raw_same);
+    println!("raw decode, same, adapter applied            {:>9.0} tokens/s", raw_lora_same);
+    println!(
+        "scorer, base model                           {:>9.0} tokens/s ({:.0} scored/s)  {:.1} % of raw same-logits, {:.1} % of raw last-only",
+        score_base,
+        score_base_c,
+        100.0 * score_base / raw_same,
+        100.0 * score_base / raw_last
+    );
+    println!(
+        "scorer, adapter applied                      {:>9.0} tokens/s ({:.0} scored/s)  {:.1} % of raw same-logits with adapter",
+        score_lora,
+        score_lora_c,
+        100.0 * score_lora / raw_lora_same
+    );
+    println!(
+        "adapter switch (rank 8, q+v, 30 layers)      {:>9.2} ms extra on the next decode (set call alone {:.3} ms; {short}-token decode {:.2} ms)",
+        switch_ms,
+        median(set_only) * 1e3,
+        median(plain) * 1e3
+    );
+}

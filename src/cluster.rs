@@ -1,0 +1,192 @@
+//! Initial clusters from weight-space similarity (the "k-means" baseline of the paper), and the
+//! other starting points: seeded random partitions and a single cluster.
+//!
+//! Clusters are `Vec<usize>` task indices; an assignment maps task -> cluster. Every function
+//! here returns exactly `k` non-empty clusters (for 1 <= k <= n).
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::synth;
+
+/// task -> cluster index.
+pub type Assignment = Vec<usize>;
+
+/// Groups of task indices, each sorted, ordered by their smallest member (canonical form, so
+/// equal partitions compare equal whatever the cluster numbering).
+pub fn clusters_of(assign: &[usize], k: usize) -> Vec<Vec<usize>> {
+    let mut groups = vec![Vec::new(); k];
+    for (task, &c) in assign.iter().enumerate() {
+        groups[c].push(task);
+    }
+    groups.retain(|g| !g.is_empty());
+    groups.sort_by_key(|g| g[0]);
+    groups
+}
+
+/// Renumbers an assignment so clusters are numbered by their smallest task.
+pub fn canonical(assign: &[usize], k: usize) -> Assignment {
+    let groups = clusters_of(assign, k);
+    let mut out = vec![0; assign.len()];
+    for (c, g) in groups.iter().enumerate() {
+        for &t in g {
+            out[t] = c;
+        }
+    }
+    out
+}
+
+/// k-medoids on cosine distance (1 - similarity), seeded k-means++ style, then alternate
+/// assignment and medoid update until nothing moves. Medoids rather than means because the
+/// adapters are only known through their pairwise similarities (no dense deltas are formed).
+pub fn kmedoids(similarity: &[Vec<f64>], k: usize, seed: u64) -> Assignment {
+    let n = similarity.len();
+    assert!(k >= 1 && k <= n, "k must be in 1..=n");
+    let dist = |i: usize, j: usize| (1.0 - similarity[i][j]).max(0.0);
+    let mut rng = synth::rng(seed);
+
+    let mut medoids = vec![rng.random_range(0..n)];
+    while medoids.len() < k {
+        let weights: Vec<f64> = (0..n)
+            .map(|i| medoids.iter().map(|&m| dist(i, m)).fold(f64::INFINITY, f64::min).powi(2))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let next = if total <= 0.0 {
+            // All remaining points coincide with a medoid: take any non-medoid.
+            (0..n).find(|i| !medoids.contains(i)).expect("k <= n")
+        } else {
+            let mut x = rng.random::<f64>() * total;
+            let mut pick = n - 1;
+            for (i, w) in weights.iter().enumerate() {
+                if *w > 0.0 && x < *w {
+                    pick = i;
+                    break;
+                }
+                x -= w;
+            }
+            if medoids.contains(&pick) {
+                (0..n).filter(|i| !medoids.contains(i)).max_by(|&a, &b| weights[a].total_cmp(&weights[b])).expect("k <= n")
+            } else {
+                pick
+            }
+        };
+        medoids.push(next);
+    }
+
+    let mut assign = vec![0usize; n];
+    for _ in 0..100 {
+        for (i, slot) in assign.iter_mut().enumerate() {
+            *slot = (0..k).min_by(|&a, &b| dist(i, medoids[a]).total_cmp(&dist(i, medoids[b]))).expect("k >= 1");
+        }
+        // Each medoid is the member that minimises the summed distance to its cluster.
+        let mut changed = false;
+        for (c, medoid) in medoids.iter_mut().enumerate() {
+            let members: Vec<usize> = (0..n).filter(|&i| assign[i] == c).collect();
+            if members.is_empty() {
+                continue;
+            }
+            let best = *members
+                .iter()
+                .min_by(|&&a, &&b| {
+                    let da: f64 = members.iter().map(|&m| dist(a, m)).sum();
+                    let db: f64 = members.iter().map(|&m| dist(b, m)).sum();
+                    da.total_cmp(&db).then(a.cmp(&b))
+                })
+                .expect("non-empty");
+            if best != *medoid {
+                *medoid = best;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    // A medoid always belongs to its own cluster (distance 0), so no cluster is empty unless
+    // two medoids coincide in distance; repair just in case.
+    for (c, &m) in medoids.iter().enumerate() {
+        assign[m] = c;
+    }
+    canonical(&assign, k)
+}
+
+/// A uniformly random partition into `k` non-empty clusters of near-equal size.
+pub fn random_partition(n: usize, k: usize, seed: u64) -> Assignment {
+    assert!(k >= 1 && k <= n, "k must be in 1..=n");
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut synth::rng(seed));
+    let mut assign = vec![0; n];
+    for (pos, &task) in order.iter().enumerate() {
+        assign[task] = pos % k;
+    }
+    canonical(&assign, k)
+}
+
+/// Moves tasks so that every one of `k` clusters is non-empty: while a cluster is empty, the
+/// worst-served task (highest `cost[task]`) of the largest cluster moves into it.
+pub fn fill_empty(assign: &mut [usize], k: usize, cost: &[f64]) {
+    loop {
+        let mut sizes = vec![0usize; k];
+        for &c in assign.iter() {
+            sizes[c] += 1;
+        }
+        let Some(empty) = sizes.iter().position(|&s| s == 0) else { return };
+        let donor = (0..k).max_by_key(|&c| (sizes[c], std::cmp::Reverse(c))).expect("k >= 1");
+        if sizes[donor] < 2 {
+            return; // k > n: cannot fill (callers keep k <= n)
+        }
+        let task = (0..assign.len())
+            .filter(|&t| assign[t] == donor)
+            .max_by(|&a, &b| cost[a].total_cmp(&cost[b]).then(b.cmp(&a)))
+            .expect("donor non-empty");
+        assign[task] = empty;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_similarity(groups: &[usize]) -> Vec<Vec<f64>> {
+        let n = groups.len();
+        (0..n)
+            .map(|i| (0..n).map(|j| if i == j { 1.0 } else if groups[i] == groups[j] { 0.8 } else { 0.05 }).collect())
+            .collect()
+    }
+
+    #[test]
+    fn kmedoids_recovers_blocks() {
+        let groups = [0, 1, 2, 0, 1, 2, 0, 1, 2];
+        let sim = block_similarity(&groups);
+        for seed in 0..10 {
+            let a = kmedoids(&sim, 3, seed);
+            for i in 0..groups.len() {
+                for j in 0..groups.len() {
+                    assert_eq!(a[i] == a[j], groups[i] == groups[j], "seed {seed}: {a:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_partition_is_balanced_and_seeded() {
+        let a = random_partition(10, 3, 7);
+        let sizes: Vec<usize> = clusters_of(&a, 3).iter().map(Vec::len).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 10);
+        assert!(sizes.iter().all(|&s| s == 3 || s == 4), "{sizes:?}");
+        assert_eq!(a, random_partition(10, 3, 7));
+        assert_ne!(a, random_partition(10, 3, 8));
+    }
+
+    #[test]
+    fn fill_empty_moves_worst_task() {
+        let mut a = vec![0, 0, 0, 1];
+        fill_empty(&mut a, 3, &[0.1, 0.9, 0.2, 0.0]);
+        assert_eq!(a, vec![0, 2, 0, 1]);
+    }
+
+    #[test]
+    fn canonical_numbering() {
+        assert_eq!(canonical(&[2, 2, 0, 1], 3), vec![0, 0, 1, 2]);
+    }
+}

@@ -1,0 +1,710 @@
+//! `merge`: data-driven clustering and merging of N task adapters into K (the D2C method).
+//!
+//! read adapters -> similarity -> initial clusters -> [merge -> score every task under every
+//! merged adapter -> reassign]* -> tune each cluster's merge -> write adapters + manifest.
+//! The objective is the mean over tasks of the normalised regret
+//! `(nll_merged - nll_own) / (nll_base - nll_own)`, computed on each task's examples by
+//! llama.cpp itself; the best assignment seen is kept, so D2C never ends worse (on the
+//! examples) than the weight-space clusters it starts from.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
+use crate::base::BaseModel;
+use crate::cluster::{self, Assignment};
+use crate::error::{Error, Result};
+use crate::gguf::Value;
+use crate::manifest::{self, AdapterEntry, BaseEntry, Manifest, MergeChoice, Objective, Round, ScoringStats, Storage, TaskScores};
+use crate::merge::{self, MergeOptions, Method};
+use crate::samples::{self, Sample};
+use crate::score::{ScoreJob, ScoreOptions, Scorer};
+use crate::similarity;
+use crate::validate;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Weight-space clusters refined by merge -> score -> reassign rounds.
+    D2c,
+    /// Weight-space clusters only (the paper's k-means baseline).
+    Kmeans,
+    /// A seeded random partition.
+    Random,
+    /// Every task into one adapter.
+    Single,
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "d2c" => Strategy::D2c,
+            "kmeans" => Strategy::Kmeans,
+            "random" => Strategy::Random,
+            "single" => Strategy::Single,
+            _ => return Err(format!("unknown strategy '{s}' (expected d2c, kmeans, random or single)")),
+        })
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::D2c => "d2c",
+            Strategy::Kmeans => "kmeans",
+            Strategy::Random => "random",
+            Strategy::Single => "single",
+        })
+    }
+}
+
+/// Where D2C's rounds start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    Kmeans,
+    Random,
+}
+
+impl FromStr for Init {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "kmeans" => Ok(Init::Kmeans),
+            "random" => Ok(Init::Random),
+            _ => Err(format!("unknown init '{s}' (expected kmeans or random)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MergeRunOptions {
+    pub base: PathBuf,
+    pub adapters_dir: PathBuf,
+    pub samples_dir: PathBuf,
+    pub budget: usize,
+    pub out: PathBuf,
+    pub budget_bytes: Option<u64>,
+    pub rank: Option<usize>,
+    pub method: Method,
+    pub strategy: Strategy,
+    pub init: Init,
+    pub rounds: usize,
+    pub seed: u64,
+    pub threads: Option<i32>,
+    pub dtype: DType,
+    pub cache: Option<PathBuf>,
+    pub force: bool,
+    /// Operators and weight multipliers tried per cluster once clusters are fixed; a single
+    /// method and scale 1.0 turn tuning off.
+    pub tune_methods: Vec<Method>,
+    pub tune_scales: Vec<f32>,
+    pub density: f32,
+    pub progress: bool,
+}
+
+impl MergeRunOptions {
+    pub fn new(base: PathBuf, adapters_dir: PathBuf, samples_dir: PathBuf, budget: usize, out: PathBuf) -> Self {
+        MergeRunOptions {
+            base,
+            adapters_dir,
+            samples_dir,
+            budget,
+            out,
+            budget_bytes: None,
+            rank: None,
+            method: Method::Svd,
+            strategy: Strategy::D2c,
+            init: Init::Kmeans,
+            rounds: 6,
+            seed: 0,
+            threads: None,
+            dtype: DType::F16,
+            cache: None,
+            force: false,
+            tune_methods: vec![Method::Svd, Method::Ties, Method::Dare],
+            tune_scales: vec![1.0, 1.25, 1.5],
+            density: 0.5,
+            progress: false,
+        }
+    }
+}
+
+struct Task {
+    name: String,
+    adapter_path: PathBuf,
+    adapter: LoraAdapter,
+    samples: Vec<Sample>,
+    samples_hash: String,
+}
+
+/// Task names from `DIR/<task>.gguf` and `SAMPLES/<task>.jsonl`; every mismatch is reported.
+fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    let list = |dir: &Path, ext: &str| -> Result<BTreeMap<String, PathBuf>> {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut out = BTreeMap::new();
+        for entry in rd {
+            let p = entry.map_err(|e| Error::io(dir, e))?.path();
+            if p.extension().and_then(|e| e.to_str()) == Some(ext) && p.is_file() {
+                if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                    out.insert(stem.to_string(), p.clone());
+                }
+            }
+        }
+        Ok(out)
+    };
+    let adapters = list(adapters_dir, "gguf")?;
+    let samples = list(samples_dir, "jsonl")?;
+    let mut problems = Vec::new();
+    for (task, p) in &adapters {
+        if !samples.contains_key(task) {
+            problems.push(format!("task {task}: adapter {} has no samples file {}", p.display(), samples_dir.join(format!("{task}.jsonl")).display()));
+        }
+    }
+    for (task, p) in &samples {
+        if !adapters.contains_key(task) {
+            problems.push(format!("task {task}: samples {} have no adapter {}", p.display(), adapters_dir.join(format!("{task}.gguf")).display()));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Usage(problems.join("\n")));
+    }
+    if adapters.is_empty() {
+        return Err(Error::Usage(format!("no adapters (*.gguf) in {}", adapters_dir.display())));
+    }
+    Ok(adapters.into_iter().map(|(t, a)| {
+        let s = samples[&t].clone();
+        (t, a, s)
+    }).collect())
+}
+
+/// Checks the output directory before any work: it must be absent or empty, or `--force`,
+/// and it must not contain any input.
+fn check_out_dir(opts: &MergeRunOptions) -> Result<()> {
+    let out = &opts.out;
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(Error::Usage(format!("--out {} exists and is not a directory", out.display())));
+        }
+        let non_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some();
+        if non_empty && !opts.force {
+            return Err(Error::Usage(format!("--out {} is not empty (use --force to replace it)", out.display())));
+        }
+        let out_abs = std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
+        for input in [&opts.base, &opts.adapters_dir, &opts.samples_dir] {
+            if let Ok(p) = std::fs::canonicalize(input) {
+                if p.starts_with(&out_abs) {
+                    return Err(Error::Usage(format!("--out {} contains the input {}: refusing to replace it", out.display(), input.display())));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Scores keyed by content: (adapter file hash or "base", samples hash). Optionally appended
+/// to a file as they are computed, so an interrupted run resumes without rescoring.
+struct ScoreCache {
+    map: HashMap<String, (f64, usize)>,
+    file: Option<(PathBuf, std::fs::File)>,
+    base_hash: String,
+}
+
+impl ScoreCache {
+    fn open(dir: Option<&Path>, base_hash: &str) -> Result<Self> {
+        let mut map = HashMap::new();
+        let file = match dir {
+            None => None,
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                let path = dir.join("scores.jsonl");
+                if path.exists() {
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                    for line in text.lines() {
+                        // A line cut short by a kill is simply not reused.
+                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                            if let (Some(k), Some(n), Some(t)) = (v["key"].as_str(), v["mean_nll"].as_f64(), v["tokens"].as_u64()) {
+                                map.insert(k.to_string(), (n, t as usize));
+                            }
+                        }
+                    }
+                }
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+                Some((path, f))
+            }
+        };
+        Ok(ScoreCache { map, file, base_hash: base_hash.to_string() })
+    }
+
+    fn key(&self, adapter_hash: &str, samples_hash: &str) -> String {
+        format!("{}:{adapter_hash}:{samples_hash}", self.base_hash)
+    }
+
+    fn get(&self, key: &str) -> Option<(f64, usize)> {
+        self.map.get(key).copied()
+    }
+
+    fn put(&mut self, key: String, value: (f64, usize)) -> Result<()> {
+        if let Some((path, f)) = &mut self.file {
+            let line = json!({"key": key, "mean_nll": value.0, "tokens": value.1}).to_string();
+            writeln!(f, "{line}").map_err(|e| Error::io(path, e))?;
+        }
+        self.map.insert(key, value);
+        Ok(())
+    }
+}
+
+/// Scores candidate adapters (written to a work dir in the output dtype, so what is scored is
+/// byte for byte what would be shipped) and caches by content hash.
+struct Evaluator {
+    scorer: Scorer,
+    cache: ScoreCache,
+    work_dir: PathBuf,
+    loaded: HashMap<String, usize>,
+    dtype: DType,
+    scored_sequences: usize,
+    cached_sequences: usize,
+}
+
+/// A candidate adapter on disk.
+#[derive(Clone)]
+struct Candidate {
+    path: PathBuf,
+    hash: String,
+    bytes: u64,
+    rank: usize,
+}
+
+impl Evaluator {
+    fn write_candidate(&self, adapter: &LoraAdapter, inputs: &[&Path]) -> Result<Candidate> {
+        let w = adapter.to_gguf(self.dtype)?;
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).map_err(|e| Error::io(&self.work_dir, e))?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let path = self.work_dir.join(format!("{hash}.gguf"));
+        if !path.exists() {
+            crate::fsutil::write_atomic(&path, inputs, |f| f.write_all(&bytes))?;
+        }
+        Ok(Candidate { path, hash, bytes: bytes.len() as u64, rank: adapter.max_rank() })
+    }
+
+    /// Mean NLL of each listed task under `candidate` (None = base model).
+    fn nll(&mut self, candidate: Option<&Candidate>, tasks: &[&Task]) -> Result<Vec<f64>> {
+        let adapter_key = candidate.map(|c| c.hash.as_str()).unwrap_or("base");
+        let mut out = vec![f64::NAN; tasks.len()];
+        let mut todo = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            let key = self.cache.key(adapter_key, &t.samples_hash);
+            match self.cache.get(&key) {
+                Some((nll, _)) => {
+                    out[i] = nll;
+                    self.cached_sequences += t.samples.len();
+                }
+                None => todo.push((i, key)),
+            }
+        }
+        if todo.is_empty() {
+            return Ok(out);
+        }
+        let adapter_index = match candidate {
+            None => None,
+            Some(c) => Some(match self.loaded.get(&c.hash) {
+                Some(&i) => i,
+                None => {
+                    let i = self.scorer.add_adapter(&c.path)?;
+                    self.loaded.insert(c.hash.clone(), i);
+                    i
+                }
+            }),
+        };
+        let jobs: Vec<ScoreJob<'_>> =
+            todo.iter().map(|(i, _)| ScoreJob { adapter: adapter_index, scale: 1.0, samples: &tasks[*i].samples }).collect();
+        let results = self.scorer.score(&jobs)?;
+        for ((i, key), r) in todo.into_iter().zip(results) {
+            self.scored_sequences += tasks[i].samples.len();
+            out[i] = r.mean_nll;
+            self.cache.put(key, (r.mean_nll, r.tokens))?;
+        }
+        Ok(out)
+    }
+}
+
+fn progress_bar(enabled: bool, len: u64, msg: &str) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+struct ClusterEval {
+    candidate: Candidate,
+    choice: Option<MergeChoice>,
+}
+
+/// Normalised regret; a task whose own adapter is no better than the base on its examples
+/// (denominator <= 0) is measured in raw NLL difference instead, so it still counts.
+fn regret(nll: f64, own: f64, base: f64) -> f64 {
+    let span = base - own;
+    if span > 1e-6 {
+        (nll - own) / span
+    } else {
+        nll - own
+    }
+}
+
+pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
+    let t_start = Instant::now();
+    let mut timings = BTreeMap::new();
+    if opts.budget == 0 {
+        return Err(Error::Usage("--budget must be at least 1".into()));
+    }
+    check_out_dir(opts)?;
+    let found = discover(&opts.adapters_dir, &opts.samples_dir)?;
+    let base_info = BaseModel::open(&opts.base)?;
+
+    // Everything the user handed in is checked before any expensive work.
+    let mut problems = Vec::new();
+    for (task, adapter_path, _) in &found {
+        for p in validate::validate_adapter(&base_info, adapter_path) {
+            problems.push(format!("task {task}: {p}"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Usage(format!("input adapters do not fit the base model {}:\n{}", opts.base.display(), problems.join("\n"))));
+    }
+    let mut tasks = Vec::new();
+    for (name, adapter_path, samples_path) in found {
+        let adapter = LoraAdapter::read(&adapter_path)?;
+        let samples = samples::read_samples(&samples_path)?;
+        if samples.is_empty() {
+            return Err(Error::invalid(&samples_path, "samples", format!("task {name} has no examples")));
+        }
+        let samples_hash = manifest::hash_file(&samples_path)?;
+        tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
+    }
+    let n = tasks.len();
+    let k = opts.budget.min(n);
+    let rank = opts.rank.unwrap_or_else(|| tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(8));
+    {
+        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+        merge::check_compatible(&refs)?;
+    }
+    timings.insert("read".to_string(), t_start.elapsed().as_secs_f64());
+
+    let base_hash = manifest::hash_file(&opts.base)?;
+    let base_bytes = std::fs::metadata(&opts.base).map_err(|e| Error::io(&opts.base, e))?.len();
+    let out_parent = match opts.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&out_parent).map_err(|e| Error::io(&out_parent, e))?;
+    // Everything is built in a hidden sibling of --out and moved into place at the very end.
+    let staging = tempfile::Builder::new()
+        .prefix(".d2c-merge-")
+        .tempdir_in(&out_parent)
+        .map_err(|e| Error::io(&out_parent, e))?;
+    let work_dir = staging.path().join("work");
+    std::fs::create_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
+
+    let t = Instant::now();
+    let score_opts = ScoreOptions { threads: opts.threads, progress: false, ..ScoreOptions::default() };
+    let scorer = Scorer::new(&opts.base, score_opts)?;
+    let mut ev = Evaluator {
+        scorer,
+        cache: ScoreCache::open(opts.cache.as_deref(), &base_hash)?,
+        work_dir: work_dir.clone(),
+        loaded: HashMap::new(),
+        dtype: opts.dtype,
+        scored_sequences: 0,
+        cached_sequences: 0,
+    };
+    let input_paths: Vec<&Path> = tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+
+    // Ceiling and floor of every task.
+    let pb = progress_bar(opts.progress, 2 * n as u64, "own / base scores");
+    let task_refs: Vec<&Task> = tasks.iter().collect();
+    let nll_base = ev.nll(None, &task_refs)?;
+    let task_tokens: Vec<usize> = tasks
+        .iter()
+        .map(|t| ev.cache.get(&ev.cache.key("base", &t.samples_hash)).map(|(_, tokens)| tokens).unwrap_or(0))
+        .collect();
+    pb.inc(n as u64);
+    let mut nll_own = vec![0.0; n];
+    let mut own_candidates = Vec::with_capacity(n);
+    for i in 0..n {
+        // The task's own adapter as it would be shipped (in the output dtype).
+        let c = ev.write_candidate(&tasks[i].adapter, &input_paths)?;
+        nll_own[i] = ev.nll(Some(&c), &[&tasks[i]])?[0];
+        own_candidates.push(c);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    timings.insert("score_own_base".to_string(), t.elapsed().as_secs_f64());
+
+    let merge_cluster = |members: &[usize], method: Method, scale: f32, rank: usize| -> Result<LoraAdapter> {
+        let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &tasks[i].adapter).collect();
+        let w = scale / members.len() as f32;
+        let mo = MergeOptions {
+            method,
+            rank: Some(rank),
+            weights: Some(vec![w; members.len()]),
+            density: opts.density,
+            seed: opts.seed,
+        };
+        let mut merged = merge::merge(&inputs, &mo)?;
+        let names: Vec<&str> = members.iter().map(|&i| tasks[i].name.as_str()).collect();
+        merged.metadata.insert(KEY_TASK_NAME.to_string(), Value::String(names.join(",")));
+        Ok(merged)
+    };
+
+    // Evaluates one cluster: singletons ship their own adapter, larger clusters are merged.
+    let eval_cluster = |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
+        let cand = if members.len() == 1 {
+            own_candidates[members[0]].clone()
+        } else {
+            let merged = merge_cluster(members, method, scale, rank)?;
+            ev.write_candidate(&merged, &input_paths)?
+        };
+        let nll = ev.nll(Some(&cand), scored)?;
+        Ok((cand, nll))
+    };
+
+    // Initial clusters.
+    let t = Instant::now();
+    let similarity = {
+        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+        similarity::similarity_matrix(&refs)
+    };
+    timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
+    let mut assign: Assignment = match (opts.strategy, opts.init) {
+        _ if k == n => (0..n).collect(),
+        (Strategy::Single, _) => vec![0; n],
+        (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
+        (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
+    };
+    let k = if opts.strategy == Strategy::Single { 1 } else { k };
+
+    let t = Instant::now();
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut seen: HashSet<Assignment> = HashSet::new();
+    let mut best: Option<(f64, Assignment, usize)> = None;
+    let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
+    let max_rounds = if refine { opts.rounds } else { 0 };
+    let pb = progress_bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
+    for round in 0..=max_rounds {
+        let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+        seen.insert(assign.clone());
+        let groups = cluster::clusters_of(&assign, k);
+        // regret[i][c]: task i under cluster c's merged adapter (all pairs when refining).
+        let mut regrets = vec![vec![f64::INFINITY; groups.len()]; n];
+        for (c, members) in groups.iter().enumerate() {
+            let scored: Vec<usize> = if refine { (0..n).collect() } else { members.clone() };
+            let scored_tasks: Vec<&Task> = scored.iter().map(|&i| &tasks[i]).collect();
+            let (_, nll) = eval_cluster(&mut ev, members, opts.method, 1.0, &scored_tasks)?;
+            for (j, &i) in scored.iter().enumerate() {
+                regrets[i][c] = regret(nll[j], nll_own[i], nll_base[i]);
+            }
+        }
+        let own_regret: Vec<f64> = (0..n).map(|i| regrets[i][assign[i]]).collect();
+        let objective = own_regret.iter().sum::<f64>() / n as f64;
+        rounds.push(Round {
+            round,
+            objective,
+            clusters: groups.iter().map(|g| g.iter().map(|&i| tasks[i].name.clone()).collect()).collect(),
+            scored_sequences: ev.scored_sequences - seq0,
+            cached_sequences: ev.cached_sequences - cached0,
+        });
+        if best.as_ref().is_none_or(|(b, _, _)| objective < *b - 1e-12) {
+            best = Some((objective, assign.clone(), round));
+        }
+        pb.inc(1);
+        if round == max_rounds {
+            break;
+        }
+        let mut next: Assignment = (0..n)
+            .map(|i| (0..groups.len()).min_by(|&a, &b| regrets[i][a].total_cmp(&regrets[i][b]).then(a.cmp(&b))).expect("k >= 1"))
+            .collect();
+        let cost: Vec<f64> = (0..n).map(|i| regrets[i][next[i]]).collect();
+        cluster::fill_empty(&mut next, k, &cost);
+        let next = cluster::canonical(&next, k);
+        if seen.contains(&next) {
+            break;
+        }
+        assign = next;
+    }
+    pb.finish_and_clear();
+    timings.insert("clustering".to_string(), t.elapsed().as_secs_f64());
+    let (_, best_assign, best_round) = best.expect("at least one round");
+    let initial_objective = rounds[0].objective;
+
+    // Data-driven merge: per cluster, the operator and weight multiplier that serve its own
+    // tasks best on their examples.
+    let t = Instant::now();
+    let groups = cluster::clusters_of(&best_assign, k);
+    let mut chosen: Vec<ClusterEval> = Vec::with_capacity(groups.len());
+    let n_candidates = opts.tune_methods.len() * opts.tune_scales.len();
+    let pb = progress_bar(opts.progress, groups.len() as u64, "tuning merges");
+    for members in &groups {
+        let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
+        let cluster_objective = |nll: &[f64]| -> f64 {
+            members.iter().zip(nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum::<f64>() / members.len() as f64
+        };
+        if members.len() == 1 {
+            let (cand, _) = eval_cluster(&mut ev, members, opts.method, 1.0, &member_tasks)?;
+            chosen.push(ClusterEval { candidate: cand, choice: None });
+            pb.inc(1);
+            continue;
+        }
+        let mut options: Vec<(Method, f32)> = vec![(opts.method, 1.0)];
+        if n_candidates > 0 {
+            for &m in &opts.tune_methods {
+                for &s in &opts.tune_scales {
+                    if !options.contains(&(m, s)) {
+                        options.push((m, s));
+                    }
+                }
+            }
+        }
+        let mut best_here: Option<(f64, Candidate, Method, f32)> = None;
+        for (m, s) in options {
+            let (cand, nll) = eval_cluster(&mut ev, members, m, s, &member_tasks)?;
+            let obj = cluster_objective(&nll);
+            if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
+                best_here = Some((obj, cand, m, s));
+            }
+        }
+        let (obj, cand, m, s) = best_here.expect("at least one option");
+        chosen.push(ClusterEval {
+            candidate: cand,
+            choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }),
+        });
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
+
+    // Final scores of every task under the adapter it ships with.
+    let mut scores = BTreeMap::new();
+    let mut final_regret = 0.0;
+    let mut task_to_adapter = BTreeMap::new();
+    for (c, members) in groups.iter().enumerate() {
+        let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
+        let nll = ev.nll(Some(&chosen[c].candidate), &member_tasks)?;
+        for (j, &i) in members.iter().enumerate() {
+            let r = regret(nll[j], nll_own[i], nll_base[i]);
+            final_regret += r;
+            task_to_adapter.insert(tasks[i].name.clone(), c);
+            scores.insert(
+                tasks[i].name.clone(),
+                TaskScores {
+                    adapter: c,
+                    nll_own: nll_own[i],
+                    nll_base: nll_base[i],
+                    nll_merged: nll[j],
+                    regret: r,
+                    examples: tasks[i].samples.len(),
+                    tokens: task_tokens[i],
+                },
+            );
+        }
+    }
+    let final_objective = final_regret / n as f64;
+
+    // Move the chosen adapters next to the manifest; then the staging dir becomes --out.
+    let mut adapters = Vec::with_capacity(groups.len());
+    let mut total_bytes = 0;
+    for (c, members) in groups.iter().enumerate() {
+        let file = format!("adapter-{c:02}.gguf");
+        let dest = staging.path().join(&file);
+        std::fs::copy(&chosen[c].candidate.path, &dest).map_err(|e| Error::io(&dest, e))?;
+        total_bytes += chosen[c].candidate.bytes;
+        adapters.push(AdapterEntry {
+            file,
+            blake3: chosen[c].candidate.hash.clone(),
+            bytes: chosen[c].candidate.bytes,
+            rank: chosen[c].candidate.rank,
+            dtype: opts.dtype.name().to_string(),
+            tasks: members.iter().map(|&i| tasks[i].name.clone()).collect(),
+            merge: chosen[c].choice.clone(),
+        });
+    }
+    let input_bytes: u64 = tasks.iter().map(|t| std::fs::metadata(&t.adapter_path).map(|m| m.len()).unwrap_or(0)).sum();
+    let base_abs = std::fs::canonicalize(&opts.base).map_err(|e| Error::io(&opts.base, e))?;
+    timings.insert("total".to_string(), t_start.elapsed().as_secs_f64());
+    let manifest = Manifest {
+        format: manifest::FORMAT.to_string(),
+        tool: format!("d2c-gguf {}", env!("CARGO_PKG_VERSION")),
+        base: BaseEntry { file: base_abs, blake3: base_hash, architecture: base_info.architecture.clone(), bytes: base_bytes },
+        adapters,
+        tasks: task_to_adapter,
+        settings: json!({
+            "budget": opts.budget,
+            "budget_bytes": opts.budget_bytes,
+            "rank": rank,
+            "method": opts.method.to_string(),
+            "strategy": opts.strategy.to_string(),
+            "init": match opts.init { Init::Kmeans => "kmeans", Init::Random => "random" },
+            "rounds": opts.rounds,
+            "seed": opts.seed,
+            "dtype": opts.dtype.name(),
+            "density": opts.density,
+            "tune_methods": opts.tune_methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            "tune_scales": opts.tune_scales,
+            "objective": "mean over tasks of (nll_merged - nll_own) / (nll_base - nll_own) on the examples",
+        }),
+        objective: Objective { initial: initial_objective, best: final_objective, best_round },
+        rounds,
+        scores,
+        storage: Storage {
+            bytes: total_bytes,
+            input_bytes,
+            n_inputs: n,
+            n_outputs: groups.len(),
+            count_fraction: groups.len() as f64 / n as f64,
+            byte_fraction: if input_bytes > 0 { total_bytes as f64 / input_bytes as f64 } else { 0.0 },
+            budget_bytes: opts.budget_bytes,
+        },
+        scoring: ScoringStats { scored_sequences: ev.scored_sequences, cached_sequences: ev.cached_sequences },
+        timings,
+    };
+    let manifest_path = staging.path().join(manifest::FILE_NAME);
+    crate::fsutil::write_atomic(&manifest_path, &[], |f| f.write_all(manifest.to_json().as_bytes()))?;
+    std::fs::remove_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
+    publish(staging, &opts.out)?;
+    Ok(manifest)
+}
+
+/// Replaces `out` with the finished staging directory in as few steps as the OS allows.
+fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
+    let staged = staging.keep();
+    let mut old = None;
+    if out.exists() {
+        let is_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_none();
+        if is_empty {
+            std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+        } else {
+            // --force was checked before any work: move the old output aside first.
+            let aside = staged.with_extension("old");
+            std::fs::rename(out, &aside).map_err(|e| Error::io(out, e))?;
+            old = Some(aside);
+        }
+    }
+    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    if let Some(old) = old {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}

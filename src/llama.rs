@@ -1,0 +1,253 @@
+//! llama.cpp at run time, through the safe `llama-cpp-2` wrapper: one backend per process, a
+//! model, its adapters, and evaluation sessions. Errors carry the file they concern.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+
+use crate::error::{Error, Result};
+
+static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
+
+/// The process-wide llama.cpp backend. llama.cpp's own log lines are silenced unless
+/// `D2C_LLAMA_LOG=1`, so our output stays readable; its errors still reach us as return codes.
+pub fn backend() -> Result<&'static LlamaBackend> {
+    BACKEND
+        .get_or_init(|| {
+            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            if std::env::var_os("D2C_LLAMA_LOG").is_none_or(|v| v != "1") {
+                b.void_logs();
+            }
+            Ok(b)
+        })
+        .as_ref()
+        .map_err(|e| Error::Llama(format!("backend init failed: {e}")))
+}
+
+/// A loaded base model.
+pub struct Model {
+    pub path: PathBuf,
+    inner: LlamaModel,
+}
+
+/// A LoRA adapter loaded into a model. llama-cpp-2 gives `LlamaLoraAdapter` no `Drop`: the
+/// model owns its adapters and frees them when it is dropped, so an `Adapter` must not be used
+/// with another model, and loading the same file twice costs its memory twice.
+pub struct Adapter {
+    pub path: PathBuf,
+    inner: LlamaLoraAdapter,
+}
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "model file not found")));
+        }
+        let inner = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+            .map_err(|e| Error::Llama(format!("{}: failed to load model: {e}", path.display())))?;
+        Ok(Model { path: path.to_path_buf(), inner })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.inner.n_vocab() as usize
+    }
+
+    pub fn n_ctx_train(&self) -> u32 {
+        self.inner.n_ctx_train()
+    }
+
+    /// Whether the model's tokenizer wants a BOS token in front of a sequence.
+    pub fn adds_bos(&self) -> bool {
+        self.inner.vocab().should_add_bos()
+    }
+
+    pub fn bos(&self) -> LlamaToken {
+        self.inner.vocab().bos()
+    }
+
+    /// Tokenises `text` without special tokens added; `parse_special` turns chat markers such as
+    /// `<|im_start|>` into their single tokens, as llama-server does for prompts.
+    pub fn tokenize(&self, text: &str, parse_special: bool) -> Vec<LlamaToken> {
+        self.inner.vocab().tokenize(text.as_bytes(), false, parse_special)
+    }
+
+    pub fn is_eog(&self, t: LlamaToken) -> bool {
+        self.inner.vocab().is_eog(t)
+    }
+
+    /// The bytes a token stands for (special tokens render as nothing).
+    pub fn token_bytes(&self, t: LlamaToken) -> Vec<u8> {
+        self.inner.vocab().token_to_piece(t, false, None)
+    }
+
+    /// Loads an adapter file into this model. llama.cpp checks it against the model here.
+    pub fn load_adapter(&mut self, path: impl AsRef<Path>) -> Result<Adapter> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "adapter file not found")));
+        }
+        let inner = self
+            .inner
+            .lora_adapter_init(path)
+            .map_err(|e| Error::Llama(format!("{}: llama.cpp refused the adapter: {e}", path.display())))?;
+        Ok(Adapter { path: path.to_path_buf(), inner })
+    }
+
+    /// A context for evaluation: `n_ctx` tokens of KV cache shared by up to `n_seq` sequences
+    /// (sequence ids `0..n_seq`), decoding at most `n_batch` tokens per call, with the default
+    /// [`SessionConfig`] otherwise. See [`Model::session_with`].
+    pub fn session<'m>(
+        &'m self,
+        n_ctx: u32,
+        n_batch: u32,
+        n_seq: u32,
+        threads: Option<i32>,
+        adapters: &'m mut [Adapter],
+    ) -> Result<Session<'m>> {
+        self.session_with(SessionConfig { n_ctx, n_batch, n_seq, threads, ..SessionConfig::default() }, adapters)
+    }
+
+    /// A context for evaluation. The session borrows `adapters` (loaded into this model) and
+    /// switches between them by index; borrowing rather than owning lets a caller keep its
+    /// adapters across sessions, since loading one needs `&mut Model` and so cannot happen
+    /// while a session is alive.
+    pub fn session_with<'m>(&'m self, cfg: SessionConfig, adapters: &'m mut [Adapter]) -> Result<Session<'m>> {
+        let SessionConfig { n_ctx, n_batch, n_seq, threads, flash_attention } = cfg;
+        if n_seq == 0 || n_seq > MAX_SEQUENCES {
+            return Err(Error::Usage(format!("{n_seq} sequences per context (llama.cpp allows 1 to {MAX_SEQUENCES})")));
+        }
+        let n_batch = n_batch.max(1);
+        let threads = threads.unwrap_or_else(default_threads);
+        let fa = if flash_attention {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+        } else {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+        };
+        // One KV cache shared by all sequences: without it llama.cpp splits n_ctx evenly into
+        // per-sequence streams padded to 256 cells each, so many short sequences would need a
+        // huge context.
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx.max(n_batch).max(16)))
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(n_seq)
+            .with_kv_unified(true)
+            .with_flash_attention_policy(fa)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let ctx = self
+            .inner
+            .new_context(backend()?, params)
+            .map_err(|e| Error::Llama(format!("{}: cannot create a context: {e}", self.path.display())))?;
+        Ok(Session { ctx, n_batch, n_seq, n_vocab: self.n_vocab(), adapters, active: None })
+    }
+}
+
+/// How to set up an evaluation context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// KV cache cells, shared by all sequences.
+    pub n_ctx: u32,
+    /// Most tokens per decode call (also the physical batch).
+    pub n_batch: u32,
+    /// Sequence ids `0..n_seq` may be used.
+    pub n_seq: u32,
+    /// CPU threads; `None` uses every available core.
+    pub threads: Option<i32>,
+    pub flash_attention: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { n_ctx: 512, n_batch: 512, n_seq: 1, threads: None, flash_attention: false }
+    }
+}
+
+/// llama.cpp's limit on sequences per context (`LLAMA_MAX_SEQ`, not exported by its headers).
+pub const MAX_SEQUENCES: u32 = 256;
+
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4)
+}
+
+/// An evaluation context on a model, with the adapters it can switch between.
+pub struct Session<'m> {
+    ctx: LlamaContext<'m>,
+    pub n_batch: u32,
+    pub n_seq: u32,
+    pub n_vocab: usize,
+    adapters: &'m mut [Adapter],
+    active: Option<(usize, f32)>,
+}
+
+impl<'m> Session<'m> {
+    pub fn adapters(&self) -> &[Adapter] {
+        self.adapters
+    }
+
+    /// The adapter (and its scale) now applied; `None` is the base model.
+    pub fn active_adapter(&self) -> Option<(usize, f32)> {
+        self.active
+    }
+
+    /// Makes adapter `index` (at `scale`) the only active adapter, or none (the base model).
+    /// The KV cache is cleared: what it holds was computed under the previous adapter set.
+    pub fn set_adapter(&mut self, active: Option<(usize, f32)>) -> Result<()> {
+        if active == self.active {
+            self.ctx.clear_kv_cache();
+            return Ok(());
+        }
+        match active {
+            Some((i, scale)) => {
+                let a = self
+                    .adapters
+                    .get_mut(i)
+                    .ok_or_else(|| Error::Usage(format!("no adapter #{i} in this session")))?;
+                self.ctx
+                    .lora_adapter_set(&mut a.inner, scale)
+                    .map_err(|e| Error::Llama(format!("{}: cannot apply adapter: {e}", a.path.display())))?;
+            }
+            None => {
+                // llama-cpp-2's remove clears the whole set (its argument is not used); an
+                // adapter was active, so there is one to pass.
+                if let Some(a) = self.adapters.first_mut() {
+                    self.ctx
+                        .lora_adapter_remove(&mut a.inner)
+                        .map_err(|e| Error::Llama(format!("cannot clear adapters: {e}")))?;
+                }
+            }
+        }
+        self.active = active;
+        self.ctx.clear_kv_cache();
+        Ok(())
+    }
+
+    pub fn clear_kv(&mut self) {
+        self.ctx.clear_kv_cache();
+    }
+
+    pub fn decode(&mut self, batch: &mut LlamaBatch) -> Result<()> {
+        self.ctx.decode(batch).map_err(|e| Error::Llama(format!("decode failed: {e}")))
+    }
+
+    /// Logits predicting the token after batch position `i` (which must have requested logits).
+    pub fn logits_ith(&self, i: i32) -> &[f32] {
+        self.ctx.get_logits_ith(i)
+    }
+
+    pub fn n_ctx(&self) -> u32 {
+        self.ctx.n_ctx()
+    }
+}
+
+pub use llama_cpp_2::llama_batch::LlamaBatch as Batch;
+pub use llama_cpp_2::token::LlamaToken as Token;

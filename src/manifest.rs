@@ -1,0 +1,141 @@
+//! `manifest.json`: what `merge` produced, how, and how well. Read by `report` and by the
+//! `d2c-serve` plugin, which routes each task to its adapter after checking the hashes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const FORMAT: &str = "d2c-gguf.manifest/1";
+pub const FILE_NAME: &str = "manifest.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaseEntry {
+    /// Absolute path of the base model the adapters were merged and scored against.
+    pub file: PathBuf,
+    pub blake3: String,
+    pub architecture: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MergeChoice {
+    pub method: String,
+    /// Multiplier on the plain-average weights (1.0 = average of the deltas).
+    pub scale: f32,
+    /// Objective (mean normalised regret) of this cluster's tasks with this choice.
+    pub cluster_objective: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdapterEntry {
+    /// Relative to the manifest's directory.
+    pub file: String,
+    pub blake3: String,
+    pub bytes: u64,
+    pub rank: usize,
+    pub dtype: String,
+    pub tasks: Vec<String>,
+    pub merge: Option<MergeChoice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskScores {
+    pub adapter: usize,
+    /// Mean NLL (nats/token) of the task's examples under its own input adapter (the ceiling).
+    pub nll_own: f64,
+    /// ... under no adapter (the floor).
+    pub nll_base: f64,
+    /// ... under the merged adapter it is assigned to.
+    pub nll_merged: f64,
+    /// (merged - own) / (base - own): 0 = as good as its own adapter, 1 = as bad as no adapter.
+    pub regret: f64,
+    pub examples: usize,
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Round {
+    pub round: usize,
+    /// Mean normalised regret over tasks for this round's assignment.
+    pub objective: f64,
+    pub clusters: Vec<Vec<String>>,
+    /// Sequences scored by llama.cpp this round, and those answered from the cache instead.
+    pub scored_sequences: usize,
+    pub cached_sequences: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Storage {
+    pub bytes: u64,
+    pub input_bytes: u64,
+    pub n_inputs: usize,
+    pub n_outputs: usize,
+    /// Outputs / inputs, by count (the paper's K / N).
+    pub count_fraction: f64,
+    pub byte_fraction: f64,
+    pub budget_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub tool: String,
+    pub base: BaseEntry,
+    pub adapters: Vec<AdapterEntry>,
+    /// task -> index into `adapters`.
+    pub tasks: BTreeMap<String, usize>,
+    pub settings: serde_json::Value,
+    pub objective: Objective,
+    pub rounds: Vec<Round>,
+    pub scores: BTreeMap<String, TaskScores>,
+    pub storage: Storage,
+    pub scoring: ScoringStats,
+    /// Wall-clock seconds per stage: the only part that differs between identical runs.
+    pub timings: BTreeMap<String, f64>,
+}
+
+/// Work done by llama.cpp over the whole run (ceilings, floors, rounds and merge tuning).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScoringStats {
+    pub scored_sequences: usize,
+    /// Answered from the score cache (same adapter bytes, same examples) instead.
+    pub cached_sequences: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Objective {
+    pub initial: f64,
+    pub best: f64,
+    pub best_round: usize,
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(path, format!("line {} column {}", e.line(), e.column()), e.to_string()))?;
+        if m.format != FORMAT {
+            return Err(Error::invalid(path, "format", format!("expected {FORMAT:?}, found {:?}", m.format)));
+        }
+        for (task, &i) in &m.tasks {
+            if i >= m.adapters.len() {
+                return Err(Error::invalid(path, format!("tasks.{task}"), format!("adapter index {i} out of range")));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("manifest serialises") + "\n"
+    }
+}
+
+/// blake3 of a file's bytes, hex.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap(path).map_err(|e| Error::io(path, e))?;
+    Ok(h.finalize().to_hex().to_string())
+}

@@ -1,0 +1,623 @@
+//! Scoring through llama.cpp: the mean negative log-likelihood (nats per token) of example
+//! completions given their prompts, under the base model or any loaded adapter. Every decision of
+//! D2C is made from these numbers, so they come from llama.cpp's own forward pass.
+//!
+//! How a sample becomes tokens: the prompt alone and prompt + completion are both tokenised
+//! (special markers parsed, as llama-server does; a BOS token first when the model wants one).
+//! The scored tokens are those of prompt + completion after the longest common token prefix of
+//! the two. Usually that prefix is the whole prompt; when the tokeniser merges the last prompt
+//! characters with the first completion characters into one token, scoring starts at that first
+//! differing token, so the merged token (and so a few prompt characters) is scored too: that is
+//! the only honest way to score exactly the bytes of the completion with whole tokens. Each scored
+//! token contributes `-log softmax(logits)[token]` of the logits at the position before it. A
+//! model that adds no BOS token (SmolLM2) never predicts the first token of a sequence, so with
+//! an empty prompt, or one that merges with the completion into the first token, that first
+//! token is not scored (and a sample of one token in all is refused).
+//!
+//! Attention runs without flash attention: llama.cpp's CPU flash attention accumulates in F16
+//! below 64 tokens per decode and in F32 from 64 up, so a sample's score would depend on what it
+//! is batched with (by about 0.02 nats on SmolLM2); plain attention gives the same numbers for
+//! any batching, which lets scores from different calls be compared.
+//!
+//! How it stays fast: whole samples are packed into batches of up to `n_batch` tokens (one
+//! sequence id each, first-fit decreasing), logits are requested only where a completion token
+//! is predicted, the KV cache is sized to the batch and cleared after each decode, and jobs are
+//! grouped by adapter so each adapter is switched to once per call. Samples longer than
+//! `n_batch` are decoded alone, in chunks that keep their KV cache between decodes.
+//!
+//! How it stays exact whatever the batching: besides plain attention (above), every packed
+//! sample starts at a KV cell aligned to the SIMD width of llama.cpp's attention kernel, padded
+//! with a few filler tokens after the previous sample (see [`KV_ALIGN`]); a sample then gets
+//! bit for bit the logits it gets when decoded alone.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::llama::{self, Adapter, Batch, Model, Token};
+use crate::samples::{self, Sample, SampleFile};
+
+/// How to run the scorer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoreOptions {
+    /// CPU threads for llama.cpp; `None` uses every available core.
+    pub threads: Option<i32>,
+    /// Tokens per `llama_decode` call (also the KV cache size for packed samples).
+    pub n_batch: u32,
+    /// The longest sample (prompt + completion, in tokens) accepted; `None` is the model's
+    /// training context.
+    pub n_ctx: Option<u32>,
+    /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        ScoreOptions { threads: None, n_batch: 512, n_ctx: None, progress: false }
+    }
+}
+
+/// The score of one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SampleScore {
+    /// Mean negative log-likelihood of the scored tokens, in nats per token.
+    pub nll: f64,
+    /// How many tokens were scored.
+    pub tokens: usize,
+}
+
+/// The score of a sample set under one adapter.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetScore {
+    /// Token-weighted mean NLL over all samples (total nats / total scored tokens).
+    pub mean_nll: f64,
+    pub tokens: usize,
+    pub per_sample: Vec<SampleScore>,
+}
+
+/// One unit of work: a sample set under an adapter (`None` = the base model) at `scale`.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreJob<'a> {
+    pub adapter: Option<usize>,
+    pub scale: f32,
+    pub samples: &'a [Sample],
+}
+
+impl<'a> ScoreJob<'a> {
+    pub fn base(samples: &'a [Sample]) -> Self {
+        ScoreJob { adapter: None, scale: 1.0, samples }
+    }
+
+    pub fn with_adapter(adapter: usize, samples: &'a [Sample]) -> Self {
+        ScoreJob { adapter: Some(adapter), scale: 1.0, samples }
+    }
+}
+
+/// A sample as the model sees it: `tokens[first_scored..]` are scored, each from the logits
+/// at the position before it (so `first_scored >= 1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleTokens {
+    pub tokens: Vec<Token>,
+    pub first_scored: usize,
+}
+
+impl SampleTokens {
+    pub fn n_scored(&self) -> usize {
+        self.tokens.len() - self.first_scored
+    }
+}
+
+/// A base model loaded once, with every adapter loaded once, scoring sample sets.
+pub struct Scorer {
+    model: Model,
+    adapters: Vec<Adapter>,
+    opts: ScoreOptions,
+}
+
+impl Scorer {
+    pub fn new(base: &Path, opts: ScoreOptions) -> Result<Self> {
+        if opts.n_batch == 0 {
+            return Err(Error::Usage("n_batch must be at least 1".into()));
+        }
+        if let Some(t) = opts.threads {
+            if t < 1 {
+                return Err(Error::Usage(format!("threads must be at least 1 (got {t})")));
+            }
+        }
+        let model = Model::load(base)?;
+        if opts.n_ctx == Some(0) {
+            return Err(Error::Usage("n_ctx must be at least 1".into()));
+        }
+        Ok(Scorer { model, adapters: Vec::new(), opts })
+    }
+
+    /// Loads an adapter into the model (llama.cpp checks it against the model here); the
+    /// returned index names it in [`ScoreJob::adapter`].
+    pub fn add_adapter(&mut self, path: &Path) -> Result<usize> {
+        let adapter = self.model.load_adapter(path)?;
+        self.adapters.push(adapter);
+        Ok(self.adapters.len() - 1)
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn adapters(&self) -> &[Adapter] {
+        &self.adapters
+    }
+
+    pub fn options(&self) -> &ScoreOptions {
+        &self.opts
+    }
+
+    /// The most tokens (BOS included) one sample may have.
+    pub fn max_sample_tokens(&self) -> usize {
+        self.opts.n_ctx.unwrap_or_else(|| self.model.n_ctx_train()).max(1) as usize
+    }
+
+    /// Tokenises a sample as described in the module documentation. The error is a reason
+    /// without a location (the caller knows the file and line).
+    pub fn tokenize_sample(&self, sample: &Sample) -> std::result::Result<SampleTokens, String> {
+        let with_bos = |text: &str| {
+            let mut t = Vec::new();
+            if self.model.adds_bos() {
+                t.push(self.model.bos());
+            }
+            t.extend(self.model.tokenize(text, true));
+            t
+        };
+        let prompt = with_bos(&sample.prompt);
+        let full = with_bos(&format!("{}{}", sample.prompt, sample.completion));
+        let common = prompt.iter().zip(&full).take_while(|(a, b)| a == b).count();
+        // Without a BOS token the first token of a sequence has no logits predicting it.
+        let first_scored = common.max(1);
+        let max = self.max_sample_tokens();
+        if full.len() > max {
+            return Err(format!(
+                "prompt + completion is {} tokens, longer than the context allows ({max})",
+                full.len()
+            ));
+        }
+        if full.len() <= first_scored {
+            return Err(if common == 0 {
+                format!(
+                    "nothing to score: prompt + completion is a single token, and this model adds no \
+                     BOS token, so the first token of a sequence is never predicted ({} token(s))",
+                    full.len()
+                )
+            } else {
+                "the completion adds no tokens after the prompt's".into()
+            });
+        }
+        Ok(SampleTokens { tokens: full, first_scored })
+    }
+
+    /// Checks that every sample of `file` can be scored (fits the context, has tokens to score),
+    /// naming the file and line of the first that cannot.
+    pub fn check_samples(&self, file: &SampleFile) -> Result<()> {
+        for (i, s) in file.samples.iter().enumerate() {
+            self.tokenize_sample(s).map_err(|reason| Error::Invalid {
+                path: file.path.clone(),
+                field: format!("line {}", file.lines.get(i).copied().unwrap_or(i + 1)),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads a JSONL sample file and checks it against this model ([`Self::check_samples`]).
+    pub fn read_samples(&self, path: &Path) -> Result<SampleFile> {
+        let file = samples::read_sample_file(path)?;
+        self.check_samples(&file)?;
+        Ok(file)
+    }
+
+    /// Scores every (adapter, sample set) job, adapter `None` = the base, at the job's scale;
+    /// results are in job order. One context is created per call: llama-cpp-2 needs
+    /// `&mut Model` to load adapters, so a context cannot outlive it.
+    pub fn score(&mut self, jobs: &[ScoreJob<'_>]) -> Result<Vec<SetScore>> {
+        // Sample sets are told apart by identity (the same slice in several jobs is tokenised
+        // and, under the same adapter, decoded once).
+        let mut set_of_slice: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut sets: Vec<Vec<SampleTokens>> = Vec::new();
+        let mut job_set = Vec::with_capacity(jobs.len());
+        for (j, job) in jobs.iter().enumerate() {
+            if let Some(a) = job.adapter {
+                if a >= self.adapters.len() {
+                    return Err(Error::Usage(format!(
+                        "job #{j}: no adapter #{a} ({} loaded)",
+                        self.adapters.len()
+                    )));
+                }
+            }
+            if !job.scale.is_finite() {
+                return Err(Error::Usage(format!("job #{j}: adapter scale {} is not finite", job.scale)));
+            }
+            if job.samples.is_empty() {
+                return Err(Error::Usage(format!("job #{j}: no samples to score")));
+            }
+            let key = (job.samples.as_ptr() as usize, job.samples.len());
+            let set = match set_of_slice.get(&key) {
+                Some(&s) => s,
+                None => {
+                    let tokens = job
+                        .samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            self.tokenize_sample(s).map_err(|r| Error::Usage(format!("job #{j}, sample #{i}: {r}")))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    sets.push(tokens);
+                    set_of_slice.insert(key, sets.len() - 1);
+                    sets.len() - 1
+                }
+            };
+            job_set.push(set);
+        }
+
+        // Groups of work under one adapter setting, in order of first appearance.
+        let mut groups: Vec<Group> = Vec::new();
+        for (job, &set) in jobs.iter().zip(&job_set) {
+            let key = (job.adapter, job.scale.to_bits());
+            let g = match groups.iter().position(|g| g.key == key) {
+                Some(g) => g,
+                None => {
+                    groups.push(Group { key, sets: Vec::new(), plan: Vec::new() });
+                    groups.len() - 1
+                }
+            };
+            if !groups[g].sets.contains(&set) {
+                groups[g].sets.push(set);
+            }
+        }
+        let n_batch = self.opts.n_batch as usize;
+        for g in &mut groups {
+            g.plan = plan_decodes(&sets, &g.sets, n_batch);
+        }
+        let n_seq = groups
+            .iter()
+            .flat_map(|g| &g.plan)
+            .map(|d| d.pieces.len())
+            .max()
+            .unwrap_or(1) as u32;
+        let longest = sets.iter().flatten().map(|s| s.tokens.len()).max().unwrap_or(1);
+        let total_tokens: u64 = groups
+            .iter()
+            .flat_map(|g| &g.sets)
+            .flat_map(|&s| &sets[s])
+            .map(|s| s.tokens.len() as u64)
+            .sum();
+
+        let progress = if self.opts.progress {
+            let bar = ProgressBar::new(total_tokens);
+            bar.set_style(
+                ProgressStyle::with_template("scoring {bar:40} {pos}/{len} tokens ({per_sec}, {eta} left)")
+                    .expect("valid progress template"),
+            );
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+
+        let cfg = llama::SessionConfig {
+            n_ctx: longest.max(n_batch) as u32,
+            n_batch: n_batch as u32,
+            n_seq,
+            threads: self.opts.threads,
+            // Batch-independent numbers (see the module documentation).
+            flash_attention: false,
+        };
+        let mut session = self.model.session_with(cfg, &mut self.adapters)?;
+        let mut batch = Batch::new(n_batch, 1);
+        // (set, sample) -> (sum of nats, tokens), per group.
+        let mut results: Vec<HashMap<usize, Vec<(f64, usize)>>> = Vec::with_capacity(groups.len());
+        for g in &groups {
+            let active = g.key.0.map(|a| (a, f32::from_bits(g.key.1)));
+            session.set_adapter(active)?;
+            let mut sums: HashMap<usize, Vec<(f64, usize)>> =
+                g.sets.iter().map(|&s| (s, vec![(0.0, 0); sets[s].len()])).collect();
+            for decode in &g.plan {
+                let scored = run_decode(&mut session, &mut batch, &sets, decode)?;
+                for (piece, nll) in scored {
+                    let slot = &mut sums.get_mut(&piece.0).expect("planned set")[piece.1];
+                    slot.0 += nll;
+                    slot.1 += 1;
+                }
+                if decode.clear_after {
+                    session.clear_kv();
+                }
+                progress.inc(decode.pieces.iter().map(|p| (p.end - p.start) as u64).sum());
+            }
+            for (&set, per_sample) in &sums {
+                if let Some((i, _)) = per_sample.iter().enumerate().find(|(_, (nll, _))| !nll.is_finite()) {
+                    let what = match g.key.0 {
+                        Some(a) => format!("adapter {}", session.adapters()[a].path.display()),
+                        None => "the base model".into(),
+                    };
+                    return Err(Error::Llama(format!(
+                        "{what} gave non-finite logits on sample #{i} of set #{set}"
+                    )));
+                }
+            }
+            results.push(sums);
+        }
+        progress.finish_and_clear();
+
+        Ok(jobs
+            .iter()
+            .zip(&job_set)
+            .map(|(job, &set)| {
+                let key = (job.adapter, job.scale.to_bits());
+                let g = groups.iter().position(|g| g.key == key).expect("grouped job");
+                set_score(&results[g][&set])
+            })
+            .collect())
+    }
+}
+
+fn set_score(sums: &[(f64, usize)]) -> SetScore {
+    let nats: f64 = sums.iter().map(|s| s.0).sum();
+    let tokens: usize = sums.iter().map(|s| s.1).sum();
+    SetScore {
+        mean_nll: nats / tokens as f64,
+        tokens,
+        per_sample: sums.iter().map(|&(n, t)| SampleScore { nll: n / t as f64, tokens: t }).collect(),
+    }
+}
+
+struct Group {
+    key: (Option<usize>, u32),
+    sets: Vec<usize>,
+    plan: Vec<Decode>,
+}
+
+/// Tokens `start..end` of sample `sample` of set `set`, as sequence id = index in the decode,
+/// followed by `pad` filler tokens of the same sequence (after the sample, so they change none
+/// of its logits) that move the next sequence to an aligned KV cell.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    set: usize,
+    sample: usize,
+    start: usize,
+    end: usize,
+    pad: usize,
+}
+
+/// One `llama_decode` call.
+#[derive(Debug, Clone)]
+struct Decode {
+    pieces: Vec<Piece>,
+    /// The KV cache is cleared after this decode (false between chunks of one long sample).
+    clear_after: bool,
+}
+
+/// Every packed sequence starts at a KV cell that is a multiple of this. llama.cpp multiplies the
+/// attention probabilities by V with a SIMD kernel (tinyBLAS) whose lanes follow the KV cell
+/// index, so a sequence at another offset sums in another order; the Q8 quantisation of
+/// activations then turns that last-bit noise into differences of 0.01 nats. Aligned to the lane
+/// count (8 floats with AVX2, 16 with AVX-512), a sample scores bit for bit as it does alone.
+const KV_ALIGN: usize = if cfg!(target_feature = "avx512f") { 16 } else { 8 };
+
+/// Packs whole samples into decodes of at most `n_batch` tokens and `MAX_SEQUENCES` sequences,
+/// first-fit decreasing (near-full batches, so throughput stays near the raw decode rate), each
+/// sample starting at a multiple of [`KV_ALIGN`]; samples longer than a batch get their own
+/// chained decodes.
+fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize) -> Vec<Decode> {
+    let mut items: Vec<(usize, usize, usize)> = which
+        .iter()
+        .flat_map(|&set| sets[set].iter().enumerate().map(move |(i, s)| (set, i, s.tokens.len())))
+        .collect();
+    items.sort_by(|a, b| b.2.cmp(&a.2));
+    let max_seq = llama::MAX_SEQUENCES as usize;
+    let mut plan = Vec::new();
+    // Open batches: tokens used so far (the last piece's padding included), pieces.
+    let mut open: Vec<(usize, Vec<Piece>)> = Vec::new();
+    for (set, sample, len) in items {
+        if len > n_batch {
+            let mut start = 0;
+            while start < len {
+                let end = (start + n_batch).min(len);
+                plan.push(Decode { pieces: vec![Piece { set, sample, start, end, pad: 0 }], clear_after: end == len });
+                start = end;
+            }
+            continue;
+        }
+        let pad = len.next_multiple_of(KV_ALIGN) - len;
+        let piece = Piece { set, sample, start: 0, end: len, pad };
+        match open.iter_mut().find(|(used, pieces)| *used + len <= n_batch && pieces.len() < max_seq) {
+            Some((used, pieces)) => {
+                *used += len + pad;
+                pieces.push(piece);
+            }
+            None => open.push((len + pad, vec![piece])),
+        }
+    }
+    for (_, mut pieces) in open {
+        // Nothing follows the last sequence of a batch: it needs no padding.
+        if let Some(last) = pieces.last_mut() {
+            last.pad = 0;
+        }
+        plan.push(Decode { pieces, clear_after: true });
+    }
+    plan
+}
+
+/// Decodes one planned batch and returns, for every scored token, its (set, sample) and NLL.
+fn run_decode(
+    session: &mut llama::Session<'_>,
+    batch: &mut Batch,
+    sets: &[Vec<SampleTokens>],
+    decode: &Decode,
+) -> Result<Vec<((usize, usize), f64)>> {
+    batch.clear();
+    let add = |batch: &mut Batch, token: Token, pos: usize, seq: usize, logits: bool| {
+        batch.add(token, pos as i32, &[seq as i32], logits).map_err(|e| Error::Llama(format!("batch: {e}")))
+    };
+    // (batch index, (set, sample), target token)
+    let mut outputs: Vec<(i32, (usize, usize), usize)> = Vec::new();
+    for (seq, p) in decode.pieces.iter().enumerate() {
+        let s = &sets[p.set][p.sample];
+        for pos in p.start..p.end {
+            let predicts_scored = pos + 1 >= s.first_scored && pos + 1 < s.tokens.len();
+            if predicts_scored {
+                outputs.push((batch.n_tokens(), (p.set, p.sample), s.tokens[pos + 1].0 as usize));
+            }
+            add(batch, s.tokens[pos], pos, seq, predicts_scored)?;
+        }
+        let filler = s.tokens[p.end - 1];
+        for pos in p.end..p.end + p.pad {
+            add(batch, filler, pos, seq, false)?;
+        }
+    }
+    session.decode(batch)?;
+    let logits: Vec<&[f32]> = outputs.iter().map(|o| session.logits_ith(o.0)).collect();
+    Ok(outputs
+        .par_iter()
+        .zip(logits.par_iter())
+        .map(|(o, l)| (o.1, token_nll(l, o.2)))
+        .collect())
+}
+
+/// `-log softmax(logits)[target]` in nats. The exponentials use a polynomial that the compiler
+/// vectorises (a libm call per vocabulary entry would cost a noticeable part of a decode), with
+/// a relative error below 1e-6 per term, and are summed in f64 blocks.
+pub fn token_nll(logits: &[f32], target: usize) -> f64 {
+    if logits.is_empty() || target >= logits.len() {
+        return f64::NAN;
+    }
+    const LANES: usize = 16;
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            if c[k] > lane_max[k] {
+                lane_max[k] = c[k];
+            }
+        }
+    }
+    let mut max = lane_max.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if logits.iter().any(|v| v.is_nan()) || max == f32::INFINITY {
+        return f64::NAN;
+    }
+    if max == f32::NEG_INFINITY {
+        max = 0.0;
+    }
+    let mut sum = 0f64;
+    // Blocks of 1024 keep the f32 partial sums short, so their rounding stays below 1e-7.
+    for block in logits.chunks(1024) {
+        let mut lanes = [0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for k in 0..LANES {
+                lanes[k] += exp_nonpositive(c[k] - max);
+            }
+        }
+        sum += lanes.iter().map(|&v| v as f64).sum::<f64>();
+        sum += tail.iter().map(|&v| exp_nonpositive(v - max) as f64).sum::<f64>();
+    }
+    sum.ln() + max as f64 - logits[target] as f64
+}
+
+/// `e^x` for `x <= 0`: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree-7 Taylor polynomial for
+/// `e^r` (truncation error below 2e-8 relative), scaled by `2^n` through the exponent bits.
+/// Inputs below -87 (where f32 would turn subnormal) give about `e^-87`, which is far below the
+/// precision of any sum that also holds the `e^0 = 1` of the maximum.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for |n| <= 127 (Cody and Waite).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    p * scale
+}
+
+/// One row of a `score` report: a samples file under an adapter (`None` = the base model).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreResult {
+    pub adapter: Option<String>,
+    pub samples_file: String,
+    pub mean_nll: f64,
+    pub tokens: usize,
+    pub per_sample: Vec<SampleScore>,
+}
+
+/// What `d2c-gguf score` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    pub results: Vec<ScoreResult>,
+}
+
+/// Scores every samples file under the base model and under each adapter (the work of
+/// `d2c-gguf score`). Files are read and checked before anything is decoded.
+pub fn score_files(base: &Path, sample_files: &[PathBuf], adapters: &[PathBuf], opts: ScoreOptions) -> Result<ScoreReport> {
+    if sample_files.is_empty() {
+        return Err(Error::Usage("no samples files given".into()));
+    }
+    let mut scorer = Scorer::new(base, opts)?;
+    let files = sample_files.iter().map(|p| scorer.read_samples(p)).collect::<Result<Vec<_>>>()?;
+    let mut indices = vec![None];
+    for a in adapters {
+        indices.push(Some(scorer.add_adapter(a)?));
+    }
+    let jobs: Vec<ScoreJob<'_>> = indices
+        .iter()
+        .flat_map(|&adapter| files.iter().map(move |f| ScoreJob { adapter, scale: 1.0, samples: &f.samples }))
+        .collect();
+    let scores = scorer.score(&jobs)?;
+    let results = jobs
+        .iter()
+        .zip(scores)
+        .zip(indices.iter().flat_map(|&a| files.iter().map(move |f| (a, f))))
+        .map(|((_, s), (a, f))| ScoreResult {
+            adapter: a.map(|i| adapters[i].display().to_string()),
+            samples_file: f.path.display().to_string(),
+            mean_nll: s.mean_nll,
+            tokens: s.tokens,
+            per_sample: s.per_sample,
+        })
+        .collect();
+    Ok(ScoreReport { results })
+}
+
+impl ScoreReport {
+    /// A readable table: one row per (adapter, samples file).
+    pub fn to_table(&self) -> String {
+        let adapter_name = |r: &ScoreResult| r.adapter.clone().unwrap_or_else(|| "(base)".into());
+        let wa = self.results.iter().map(|r| adapter_name(r).len()).chain([7]).max().unwrap_or(7);
+        let ws = self.results.iter().map(|r| r.samples_file.len()).chain([7]).max().unwrap_or(7);
+        let mut out = String::new();
+        let _ = writeln!(out, "{:<wa$}  {:<ws$}  {:>9}  {:>10}  {:>7}  {:>7}", "adapter", "samples", "mean NLL", "perplexity", "tokens", "samples");
+        for r in &self.results {
+            let _ = writeln!(
+                out,
+                "{:<wa$}  {:<ws$}  {:>9.4}  {:>10.3}  {:>7}  {:>7}",
+                adapter_name(r),
+                r.samples_file,
+                r.mean_nll,
+                r.mean_nll.exp(),
+                r.tokens,
+                r.per_sample.len()
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,308 @@
+//! `d2c-gguf merge` end to end on a task set with known structure: prototype adapters, tasks
+//! that are noisy copies of them, examples decoded greedily under each prototype.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use d2c_gguf::adapter::{DType, LoraAdapter};
+use d2c_gguf::base::BaseModel;
+use d2c_gguf::cluster;
+use d2c_gguf::generate::{synth_tasks, SynthTaskOptions};
+use d2c_gguf::manifest::{hash_file, Manifest};
+use d2c_gguf::synth;
+
+const GROUPS: usize = 2;
+const PER_GROUP: usize = 2;
+
+/// The task set, generated once per test binary.
+fn task_set() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = common::tempdir().keep();
+        let opts = SynthTaskOptions {
+            groups: GROUPS,
+            tasks_per_group: PER_GROUP,
+            examples: 6,
+            completion_tokens: 5,
+            prototype_std: 0.05,
+            noise: 0.2,
+            seed: 3,
+            ..Default::default()
+        };
+        synth_tasks(&common::base_model(), &dir, &opts).expect("synthetic tasks");
+        dir
+    })
+}
+
+fn merge(extra: &[&str], out: &Path) -> (i32, String, String) {
+    let set = task_set();
+    let base = common::base_model();
+    let mut args = vec![
+        "merge".to_string(),
+        "--base".into(),
+        base.display().to_string(),
+        "--adapters".into(),
+        set.join("adapters").display().to_string(),
+        "--samples".into(),
+        set.join("samples").display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--threads".into(),
+        "2".into(),
+        "--tune-scales".into(),
+        "1,1.5".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::run_cli(&refs)
+}
+
+fn groups_of(m: &Manifest) -> BTreeSet<BTreeSet<String>> {
+    m.adapters.iter().map(|a| a.tasks.iter().cloned().collect()).collect()
+}
+
+fn true_groups() -> BTreeSet<BTreeSet<String>> {
+    (0..GROUPS).map(|g| (0..PER_GROUP).map(|t| format!("g{g}-t{t}")).collect()).collect()
+}
+
+/// A seed whose random partition of the 4 tasks into 2 clusters splits the true groups.
+fn bad_random_seed() -> u64 {
+    (0..100)
+        .find(|&s| {
+            let a = cluster::random_partition(GROUPS * PER_GROUP, GROUPS, s);
+            // tasks are sorted by name: g0-t0, g0-t1, g1-t0, g1-t1
+            a[0] != a[1]
+        })
+        .unwrap()
+}
+
+fn check_manifest(out: &Path) -> Manifest {
+    let m = Manifest::read(&out.join("manifest.json")).unwrap();
+    assert_eq!(hash_file(&m.base.file).unwrap(), m.base.blake3);
+    for a in &m.adapters {
+        let p = out.join(&a.file);
+        assert_eq!(hash_file(&p).unwrap(), a.blake3, "{}", a.file);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), a.bytes);
+    }
+    // Every task exactly once, in the adapter the task map names.
+    let mut seen = BTreeSet::new();
+    for (i, a) in m.adapters.iter().enumerate() {
+        for t in &a.tasks {
+            assert!(seen.insert(t.clone()), "task {t} twice");
+            assert_eq!(m.tasks[t], i);
+        }
+    }
+    assert_eq!(seen.len(), GROUPS * PER_GROUP);
+    assert_eq!(seen, m.tasks.keys().cloned().collect());
+    m
+}
+
+#[test]
+fn d2c_recovers_the_groups_from_a_bad_start() {
+    let dir = common::tempdir();
+    let out = dir.path().join("out");
+    let seed = bad_random_seed().to_string();
+    let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "random", "--seed", &seed], &out);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let m = check_manifest(&out);
+    let start: BTreeSet<BTreeSet<String>> = m.rounds[0].clusters.iter().map(|c| c.iter().cloned().collect()).collect();
+    assert_ne!(start, true_groups(), "the start must be wrong for this test to mean anything");
+    assert_eq!(groups_of(&m), true_groups(), "rounds: {:?}", m.rounds);
+    assert!(m.objective.best < m.rounds[0].objective, "objective did not improve: {:?}", m.rounds);
+    assert!(m.rounds.len() >= 2);
+    // The report shows every task.
+    for t in m.tasks.keys() {
+        assert!(stdout.contains(t.as_str()), "{stdout}");
+    }
+    // The outputs are real adapters for the base.
+    let base = BaseModel::open(common::base_model()).unwrap();
+    for a in &m.adapters {
+        let problems = d2c_gguf::validate::validate_adapter(&base, &out.join(&a.file));
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+}
+
+#[test]
+fn baselines_behave_as_defined() {
+    let dir = common::tempdir();
+    let single = dir.path().join("single");
+    let (code, o, e) = merge(&["--budget", "2", "--strategy", "single", "--no-tune"], &single);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&single);
+    assert_eq!(m.adapters.len(), 1);
+    assert_eq!(m.rounds.len(), 1);
+
+    let kmeans = dir.path().join("kmeans");
+    let (code, o, e) = merge(&["--budget", "2", "--strategy", "kmeans", "--no-tune"], &kmeans);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&kmeans);
+    assert_eq!(m.adapters.len(), 2);
+    assert_eq!(m.rounds.len(), 1, "kmeans does not refine");
+    // Noisy copies of one prototype are nearest neighbours in weight space.
+    assert_eq!(groups_of(&m), true_groups());
+
+    let seed = bad_random_seed().to_string();
+    let random = dir.path().join("random");
+    let (code, o, e) = merge(&["--budget", "2", "--strategy", "random", "--seed", &seed, "--no-tune"], &random);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&random);
+    assert_eq!(m.adapters.len(), 2);
+    assert_ne!(groups_of(&m), true_groups());
+    assert!(m.adapters.iter().all(|a| !a.tasks.is_empty()));
+}
+
+#[test]
+fn budget_at_least_n_keeps_each_task_adapter() {
+    let dir = common::tempdir();
+    let out = dir.path().join("out");
+    let (code, o, e) = merge(&["--budget", "9", "--dtype", "f32"], &out);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&out);
+    assert_eq!(m.adapters.len(), GROUPS * PER_GROUP);
+    for a in &m.adapters {
+        assert_eq!(a.tasks.len(), 1);
+        assert!(a.merge.is_none());
+        let ours = LoraAdapter::read(out.join(&a.file)).unwrap();
+        let input = LoraAdapter::read(task_set().join("adapters").join(format!("{}.gguf", a.tasks[0]))).unwrap();
+        assert_eq!(ours.targets, input.targets, "{}", a.tasks[0]);
+        assert!(m.scores[&a.tasks[0]].regret.abs() < 1e-9);
+    }
+}
+
+#[test]
+fn same_inputs_and_seed_give_identical_outputs_and_the_cache_saves_work() {
+    let dir = common::tempdir();
+    let cache = dir.path().join("cache");
+    let cache_s = cache.display().to_string();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let args = ["--budget", "2", "--init", "random", "--seed", "5", "--cache", &cache_s];
+    let (code, o, e) = merge(&args, &a);
+    assert_eq!(code, 0, "{o}{e}");
+    let (code, o, e) = merge(&args, &b);
+    assert_eq!(code, 0, "{o}{e}");
+    let (ma, mb) = (check_manifest(&a), check_manifest(&b));
+    for (x, y) in ma.adapters.iter().zip(&mb.adapters) {
+        assert_eq!(std::fs::read(a.join(&x.file)).unwrap(), std::fs::read(b.join(&y.file)).unwrap());
+    }
+    let strip = |m: &Manifest| {
+        let mut m = m.clone();
+        m.timings.clear();
+        for r in &mut m.rounds {
+            r.scored_sequences = 0;
+            r.cached_sequences = 0;
+        }
+        m
+    };
+    assert_eq!(strip(&ma), strip(&mb));
+    let scored = |m: &Manifest| m.rounds.iter().map(|r| r.scored_sequences).sum::<usize>();
+    let cached = |m: &Manifest| m.rounds.iter().map(|r| r.cached_sequences).sum::<usize>();
+    assert!(scored(&ma) > 0);
+    assert_eq!(scored(&mb), 0, "the second run must reuse every score from --cache");
+    assert_eq!(cached(&mb), scored(&ma) + cached(&ma));
+}
+
+#[test]
+fn bad_inputs_are_refused_before_any_work_and_nothing_is_written() {
+    let set = task_set();
+    let dir = common::tempdir();
+    let out = dir.path().join("out");
+    let base = common::base_model();
+
+    // Budget 0.
+    let (code, _, e) = merge(&["--budget", "0"], &out);
+    assert_eq!(code, 1);
+    assert!(e.contains("--budget"), "{e}");
+    assert!(!out.exists());
+
+    // A task without samples and samples without a task.
+    let adapters = dir.path().join("adapters");
+    let samples = dir.path().join("samples");
+    std::fs::create_dir_all(&adapters).unwrap();
+    std::fs::create_dir_all(&samples).unwrap();
+    std::fs::copy(set.join("adapters/g0-t0.gguf"), adapters.join("alpha.gguf")).unwrap();
+    std::fs::copy(set.join("samples/g0-t1.jsonl"), samples.join("beta.jsonl")).unwrap();
+    let run = |adapters: &Path, samples: &Path, extra: &[&str]| {
+        let mut args = vec!["merge", "--base", common::path_str(&base), "--adapters", common::path_str(adapters), "--samples", common::path_str(samples), "--budget", "1", "--out", common::path_str(&out)];
+        args.extend_from_slice(extra);
+        common::run_cli(&args)
+    };
+    let (code, _, e) = run(&adapters, &samples, &[]);
+    assert_eq!(code, 1);
+    assert!(e.contains("task alpha") && e.contains("alpha.jsonl"), "{e}");
+    assert!(e.contains("task beta") && e.contains("beta.gguf"), "{e}");
+    assert!(!out.exists());
+
+    // An adapter for another base model.
+    std::fs::copy(set.join("samples/g0-t0.jsonl"), samples.join("alpha.jsonl")).unwrap();
+    let mut other = LoraAdapter::read(set.join("adapters/g0-t1.gguf")).unwrap();
+    other.architecture = "qwen2".into();
+    other.write(&adapters.join("beta.gguf"), DType::F16, &[]).unwrap();
+    let (code, _, e) = run(&adapters, &samples, &[]);
+    assert_eq!(code, 1);
+    assert!(e.contains("task beta") && e.contains("general.architecture") && e.contains("qwen2"), "{e}");
+    assert!(!out.exists());
+
+    // A broken samples file names the file and line.
+    synth::random_adapter(&BaseModel::open(&base).unwrap(), &["attn_q"], 4, 4.0, 0.01, 1).unwrap().write(&adapters.join("beta.gguf"), DType::F16, &[]).unwrap();
+    std::fs::write(samples.join("beta.jsonl"), "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n").unwrap();
+    let (code, _, e) = run(&adapters, &samples, &[]);
+    assert_eq!(code, 1);
+    assert!(e.contains("beta.jsonl") && e.contains('2'), "{e}");
+    assert!(!out.exists());
+
+    // A non-empty --out is refused without --force, and left alone.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let (code, _, e) = merge(&["--budget", "2", "--no-tune"], &out);
+    assert_eq!(code, 1);
+    assert!(e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    let (code, o, e) = merge(&["--budget", "2", "--no-tune", "--force"], &out);
+    assert_eq!(code, 0, "{o}{e}");
+    assert!(!out.join("keep.txt").exists());
+    check_manifest(&out);
+}
+
+#[test]
+fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
+    let set = task_set();
+    let dir = common::tempdir();
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    let base = common::base_model();
+    let (adapters, samples) = (set.join("adapters"), set.join("samples"));
+    let args = [
+        "merge", "--base", common::path_str(&base), "--adapters", common::path_str(&adapters), "--samples",
+        common::path_str(&samples), "--budget", "2", "--out", common::path_str(&out), "--cache", common::path_str(&cache),
+        "--threads", "2",
+    ];
+    let mut child = std::process::Command::new(common::bin()).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill it once it has scored something (the cache file grows), well before it can finish.
+    let scores = cache.join("scores.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        if std::fs::metadata(&scores).map(|m| m.len() > 0).unwrap_or(false) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists(), "a killed run must not leave --out");
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".gguf") || n == "manifest.json")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let cached_before = std::fs::read_to_string(&scores).unwrap().lines().count();
+    assert!(cached_before > 0);
+
+    let out_run = common::run_cli(&args);
+    assert_eq!(out_run.0, 0, "{}{}", out_run.1, out_run.2);
+    let m = check_manifest(&out);
+    assert!(m.scoring.cached_sequences >= cached_before, "resume did not reuse the cache: {:?}", m.scoring);
+}
