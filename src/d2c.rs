@@ -354,6 +354,109 @@ struct ClusterEval {
     choice: Option<MergeChoice>,
 }
 
+/// Ranks a cluster may take under a byte budget: halvings of `start` down to 1, and up to the
+/// sum of its members' ranks (where a merge becomes exact).
+fn rank_ladder(start: usize, max_rank: usize) -> Vec<usize> {
+    let mut ladder = vec![];
+    let mut r = 1;
+    while r < max_rank {
+        ladder.push(r);
+        r *= 2;
+    }
+    ladder.push(max_rank);
+    if !ladder.contains(&start) {
+        ladder.push(start);
+    }
+    ladder.sort_unstable();
+    ladder.dedup();
+    ladder
+}
+
+/// Fits the adapters into `budget_bytes` by choosing each cluster's rank where it costs the
+/// objective least: first step ranks down (least regret added per byte saved) until the total
+/// fits, then spend what is left stepping ranks up where that lowers the regret most per byte.
+#[allow(clippy::too_many_arguments)]
+fn allocate_ranks(
+    budget_bytes: u64,
+    start_rank: usize,
+    groups: &[Vec<usize>],
+    tasks: &[Task],
+    nll_own: &[f64],
+    nll_base: &[f64],
+    chosen: &mut [ClusterEval],
+    mut eval: impl FnMut(&[usize], Method, f32, usize, &[&Task]) -> Result<(Candidate, Vec<f64>)>,
+) -> Result<()> {
+    let ladders: Vec<Vec<usize>> = groups
+        .iter()
+        .map(|g| rank_ladder(start_rank, g.iter().map(|&i| tasks[i].adapter.max_rank()).sum::<usize>().max(1)))
+        .collect();
+    let choice_of = |c: &ClusterEval| match &c.choice {
+        Some(ch) => (ch.method.parse::<Method>().unwrap_or(Method::Svd), ch.scale),
+        None => (Method::Svd, 1.0),
+    };
+    // Summed regret of a cluster's tasks at a rank (candidate, total regret).
+    let mut at_rank = |c: usize, r: usize, chosen: &[ClusterEval]| -> Result<(Candidate, f64)> {
+        let (m, s) = choice_of(&chosen[c]);
+        let members = &groups[c];
+        let scored: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
+        let (cand, nll) = eval(members, m, s, r, &scored)?;
+        let total = members.iter().zip(&nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum();
+        Ok((cand, total))
+    };
+    let mut current: Vec<(Candidate, f64)> = Vec::with_capacity(groups.len());
+    for c in 0..groups.len() {
+        current.push(at_rank(c, chosen[c].candidate.rank, chosen)?);
+    }
+    let total_bytes = |cur: &[(Candidate, f64)]| cur.iter().map(|(c, _)| c.bytes).sum::<u64>();
+    let step = |ladder: &[usize], r: usize, up: bool| -> Option<usize> {
+        let pos = ladder.iter().position(|&x| x >= r)?;
+        if up { ladder.get(pos + 1).copied() } else if pos > 0 { Some(ladder[pos - 1]) } else { None }
+    };
+    while total_bytes(&current) > budget_bytes {
+        let mut best: Option<(f64, usize, (Candidate, f64))> = None;
+        for c in 0..groups.len() {
+            let Some(r) = step(&ladders[c], current[c].0.rank, false) else { continue };
+            let next = at_rank(c, r, chosen)?;
+            let saved = current[c].0.bytes.saturating_sub(next.0.bytes).max(1) as f64;
+            let cost = (next.1 - current[c].1) / saved;
+            if best.as_ref().is_none_or(|(b, ..)| cost < *b) {
+                best = Some((cost, c, next));
+            }
+        }
+        let Some((_, c, next)) = best else {
+            return Err(Error::Usage(format!(
+                "--budget-bytes {budget_bytes} is too small: {} clusters at rank 1 still take {} bytes",
+                groups.len(),
+                total_bytes(&current)
+            )));
+        };
+        current[c] = next;
+    }
+    loop {
+        let mut best: Option<(f64, usize, (Candidate, f64))> = None;
+        for c in 0..groups.len() {
+            let Some(r) = step(&ladders[c], current[c].0.rank, true) else { continue };
+            let next = at_rank(c, r, chosen)?;
+            if total_bytes(&current) - current[c].0.bytes + next.0.bytes > budget_bytes {
+                continue;
+            }
+            let gain = (current[c].1 - next.1) / (next.0.bytes.saturating_sub(current[c].0.bytes).max(1) as f64);
+            if gain > 1e-12 && best.as_ref().is_none_or(|(b, ..)| gain > *b) {
+                best = Some((gain, c, next));
+            }
+        }
+        let Some((_, c, next)) = best else { break };
+        current[c] = next;
+    }
+    for (c, (cand, total)) in current.into_iter().enumerate() {
+        if let Some(ch) = &mut chosen[c].choice {
+            ch.cluster_objective = total / groups[c].len() as f64;
+        }
+        chosen[c].candidate = cand;
+    }
+    Ok(())
+}
+
 /// Normalised regret; a task whose own adapter is no better than the base on its examples
 /// (denominator <= 0) is measured in raw NLL difference instead, so it still counts.
 fn regret(nll: f64, own: f64, base: f64) -> f64 {
@@ -470,9 +573,10 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         Ok(merged)
     };
 
-    // Evaluates one cluster: singletons ship their own adapter, larger clusters are merged.
-    let eval_cluster = |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
-        let cand = if members.len() == 1 {
+    // Evaluates one cluster at `rank`: a singleton at (or above) its own rank ships its own
+    // adapter unchanged; everything else is merged (a singleton below its rank is truncated).
+    let eval_cluster = |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
+        let cand = if members.len() == 1 && scale == 1.0 && rank >= tasks[members[0]].adapter.max_rank() {
             own_candidates[members[0]].clone()
         } else {
             let merged = merge_cluster(members, method, scale, rank)?;
@@ -513,7 +617,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         for (c, members) in groups.iter().enumerate() {
             let scored: Vec<usize> = if refine { (0..n).collect() } else { members.clone() };
             let scored_tasks: Vec<&Task> = scored.iter().map(|&i| &tasks[i]).collect();
-            let (_, nll) = eval_cluster(&mut ev, members, opts.method, 1.0, &scored_tasks)?;
+            let (_, nll) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &scored_tasks)?;
             for (j, &i) in scored.iter().enumerate() {
                 regrets[i][c] = regret(nll[j], nll_own[i], nll_base[i]);
             }
@@ -563,7 +667,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             members.iter().zip(nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum::<f64>() / members.len() as f64
         };
         if members.len() == 1 {
-            let (cand, _) = eval_cluster(&mut ev, members, opts.method, 1.0, &member_tasks)?;
+            let (cand, _) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &member_tasks)?;
             chosen.push(ClusterEval { candidate: cand, choice: None });
             pb.inc(1);
             continue;
@@ -580,7 +684,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         }
         let mut best_here: Option<(f64, Candidate, Method, f32)> = None;
         for (m, s) in options {
-            let (cand, nll) = eval_cluster(&mut ev, members, m, s, &member_tasks)?;
+            let (cand, nll) = eval_cluster(&mut ev, members, m, s, rank, &member_tasks)?;
             let obj = cluster_objective(&nll);
             if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
                 best_here = Some((obj, cand, m, s));
@@ -595,6 +699,14 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     }
     pb.finish_and_clear();
     timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
+
+    if let Some(budget_bytes) = opts.budget_bytes {
+        let t = Instant::now();
+        allocate_ranks(budget_bytes, rank, &groups, &tasks, &nll_own, &nll_base, &mut chosen, |members, m, s, r, scored| {
+            eval_cluster(&mut ev, members, m, s, r, scored)
+        })?;
+        timings.insert("rank_allocation".to_string(), t.elapsed().as_secs_f64());
+    }
 
     // Final scores of every task under the adapter it ships with.
     let mut scores = BTreeMap::new();

@@ -306,3 +306,28 @@ fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
     let m = check_manifest(&out);
     assert!(m.scoring.cached_sequences >= cached_before, "resume did not reuse the cache: {:?}", m.scoring);
 }
+
+#[test]
+fn a_byte_budget_is_met_by_choosing_ranks() {
+    let dir = common::tempdir();
+    let full = dir.path().join("full");
+    let (code, o, e) = merge(&["--budget", "2", "--no-tune"], &full);
+    assert_eq!(code, 0, "{o}{e}");
+    let m_full = check_manifest(&full);
+    // Half of what two rank-8 adapters take forces ranks down.
+    let budget = m_full.storage.bytes / 2;
+    let small = dir.path().join("small");
+    let b = budget.to_string();
+    let (code, o, e) = merge(&["--budget", "2", "--no-tune", "--budget-bytes", &b], &small);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&small);
+    assert!(m.storage.bytes <= budget, "{} > {budget}", m.storage.bytes);
+    assert!(m.adapters.iter().any(|a| a.rank < 8), "{:?}", m.adapters);
+    assert_eq!(m.storage.budget_bytes, Some(budget));
+    // An impossible budget is a clear error and writes nothing.
+    let none = dir.path().join("none");
+    let (code, _, e) = merge(&["--budget", "2", "--no-tune", "--budget-bytes", "1000"], &none);
+    assert_eq!(code, 1);
+    assert!(e.contains("--budget-bytes"), "{e}");
+    assert!(!none.exists());
+}

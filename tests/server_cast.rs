@@ -32,7 +32,7 @@ fn cast_outputs_load_and_act_in_llama_server() {
         assert!(listed[i]["path"].as_str().unwrap().ends_with(p.file_name().unwrap().to_str().unwrap()));
     }
     let ask = |lora: serde_json::Value| -> String {
-        let body = json!({"prompt": "The capital of France is", "n_predict": 8, "temperature": 0.0, "top_k": 1, "seed": 1, "lora": lora, "cache_prompt": false});
+        let body = json!({"prompt": "The capital of France is", "n_predict": 3, "temperature": 0.0, "top_k": 1, "seed": 1, "lora": lora, "cache_prompt": false});
         server.post_json("/completion", &body)["content"].as_str().unwrap().to_string()
     };
     let all_off: Vec<_> = (0..casts.len()).map(|i| json!({"id": i, "scale": 0.0})).collect();
@@ -42,8 +42,15 @@ fn cast_outputs_load_and_act_in_llama_server() {
         let lora: Vec<_> = (0..casts.len()).map(|j| json!({"id": j, "scale": if i == j { 1.0 } else { 0.0 }})).collect();
         outputs.push(ask(json!(lora)));
     }
-    // Every encoding steers generation away from the base; f16 is close enough to f32 to pick
-    // the same greedy tokens (coarser types may legitimately flip a near-tie).
+    // Every encoding steers generation away from the base, and with the f32 file the server
+    // generates what libllama in this process generates (same llama.cpp). Only a few tokens,
+    // and f32 only: a strong random adapter makes near-ties, and the 16-bit types round the
+    // activations in kernels whose choice depends on batch layout, so they may flip one.
     assert!(outputs.iter().all(|o| o != &plain), "adapters did not change the output: {plain:?} vs {outputs:?}");
-    assert_eq!(outputs[0], outputs[1], "f32 and f16 encodings disagree: {outputs:?}");
+    let mut m = d2c_gguf::llama::Model::load(&model).unwrap();
+    let mut loaded: Vec<_> = casts.iter().map(|p| m.load_adapter(p).unwrap()).collect();
+    let mut session = m.session(512, 512, 1, Some(2), &mut loaded).unwrap();
+    session.set_adapter(Some((0, 1.0))).unwrap();
+    let ours = d2c_gguf::generate::greedy(&m, &mut session, "The capital of France is", 3).unwrap();
+    assert_eq!(ours, outputs[0], "{}", casts[0].display());
 }
