@@ -15,7 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-THREADS="$(nproc)"
+CORES="$(getconf _NPROCESSORS_ONLN)"
+THREADS="$CORES"
 CONFIGS="smollm2,1b"
 LAYERS_1B=16
 LAYERS_SMOL=""
@@ -52,7 +53,7 @@ export PYTHONUNBUFFERED=1
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); threads per contender: $THREADS; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $CORES cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); threads per contender: $THREADS; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| shape | contender | merge time (s) | process wall (s) | max RSS (MB) | relative error | optimal error | d2c-gguf speed-up (merge time) |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|"
@@ -61,9 +62,9 @@ for config in ${CONFIGS//,/ }; do
   layers_arg=()
   label="$config"
   if [ "$config" = 1b ]; then
-    layers_arg=(--layers "$LAYERS_1B"); label="1B-class, $LAYERS_1B layers"
+    layers_arg=(--layers "$LAYERS_1B"); label="1B-class, $LAYERS_1B of 16 layers"
   elif [ -n "$LAYERS_SMOL" ]; then
-    layers_arg=(--layers "$LAYERS_SMOL"); label="SmolLM2-135M, $LAYERS_SMOL layers"
+    layers_arg=(--layers "$LAYERS_SMOL"); label="SmolLM2-135M, $LAYERS_SMOL of 30 layers"
   else
     label="SmolLM2-135M, 30 layers"
   fi

@@ -457,6 +457,43 @@ fn allocate_ranks(
     Ok(())
 }
 
+/// One reassignment step. Each task would rather sit with the merged adapter that serves it
+/// best, but moving every task at once makes symmetric clusters swap members forever (two
+/// mixed clusters serve each of their tasks equally badly). So moves are taken in order of
+/// gain and only between clusters no earlier move of this round touched: each accepted move
+/// is judged against merged adapters that are still what the scores say they are. A cluster
+/// never gives away its last task.
+pub fn reassign(assign: &[usize], regrets: &[Vec<f64>]) -> Assignment {
+    let k = regrets.first().map(Vec::len).unwrap_or(0);
+    let mut sizes = vec![0usize; k];
+    for &c in assign {
+        sizes[c] += 1;
+    }
+    let mut moves: Vec<(f64, usize, usize)> = (0..assign.len())
+        .filter_map(|i| {
+            let from = assign[i];
+            let (to, best) = regrets[i].iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(&b.0)))?;
+            let gain = regrets[i][from] - best;
+            (to != from && gain > 1e-9).then_some((gain, i, to))
+        })
+        .collect();
+    moves.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut touched = vec![false; k];
+    let mut next = assign.to_vec();
+    for (_, task, to) in moves {
+        let from = assign[task];
+        if touched[from] || touched[to] || sizes[from] < 2 {
+            continue;
+        }
+        next[task] = to;
+        sizes[from] -= 1;
+        sizes[to] += 1;
+        touched[from] = true;
+        touched[to] = true;
+    }
+    next
+}
+
 /// Normalised regret; a task whose own adapter is no better than the base on its examples
 /// (denominator <= 0) is measured in raw NLL difference instead, so it still counts.
 fn regret(nll: f64, own: f64, base: f64) -> f64 {
@@ -638,12 +675,10 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         if round == max_rounds {
             break;
         }
-        let mut next: Assignment = (0..n)
-            .map(|i| (0..groups.len()).min_by(|&a, &b| regrets[i][a].total_cmp(&regrets[i][b]).then(a.cmp(&b))).expect("k >= 1"))
-            .collect();
-        let cost: Vec<f64> = (0..n).map(|i| regrets[i][next[i]]).collect();
-        cluster::fill_empty(&mut next, k, &cost);
-        let next = cluster::canonical(&next, k);
+        let next = cluster::canonical(&reassign(&assign, &regrets), k);
+        if next == assign {
+            break; // no task is better served elsewhere: converged
+        }
         if seen.contains(&next) {
             break;
         }
@@ -819,4 +854,35 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symmetric_clusters_do_not_swap_wholesale() {
+        // Two mixed clusters serve all four tasks alike, each slightly better in the other one.
+        let assign = vec![0, 1, 0, 1];
+        let regrets = vec![vec![0.5, 0.4], vec![0.41, 0.5], vec![0.5, 0.45], vec![0.46, 0.5]];
+        let next = reassign(&assign, &regrets);
+        let moved: Vec<usize> = (0..4).filter(|&i| next[i] != assign[i]).collect();
+        assert_eq!(moved, vec![0], "only the best move between two clusters: {next:?}");
+    }
+
+    #[test]
+    fn independent_moves_happen_in_one_round_and_no_cluster_empties() {
+        let assign = vec![0, 0, 1, 1, 2, 2, 3];
+        let lo = |c: usize| (0..4).map(|j| if j == c { 0.1 } else { 0.9 }).collect::<Vec<f64>>();
+        let regrets = vec![
+            lo(1), // 0 -> 1
+            lo(0),
+            lo(1),
+            lo(1),
+            lo(3), // 2 -> 3: a different pair of clusters, so it moves in the same round
+            lo(2),
+            lo(2), // would empty cluster 3
+        ];
+        assert_eq!(reassign(&assign, &regrets), vec![1, 0, 1, 1, 3, 2, 3]);
+    }
 }

@@ -99,7 +99,7 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
         threads: Option<i32>,
         /// Tokens per llama.cpp decode call.
-        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = d2c_gguf::score::ScoreOptions::default().n_batch, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
         #[arg(long)]
         json: bool,

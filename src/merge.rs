@@ -9,9 +9,11 @@
 //! Operators, per target (targets are processed in parallel with rayon):
 //! - `cat`: `A' = vstack(A_i)`, `B' = hstack(w_i s_i B_i)`: exactly the weighted sum, rank `sum r_i`.
 //! - `svd` (default): the best rank-`r` approximation (Frobenius, Eckart-Young) of the weighted
-//!   sum, from the factors alone: QR of the stacked `B` (out x R) and of the stacked `A^T`
-//!   (in x R), SVD of the small core `R_B R_A^T`, keep `r`. Never forms an out x in matrix; costs
-//!   `O((in + out) R^2)`.
+//!   sum, from the factors alone, `R = sum r_i`: the stacked `B` (out x R) is orthogonalised
+//!   through its Gram matrix (Cholesky QR, `B = Q L^T`, `Q` never formed), and the R x R matrix
+//!   `L^T (A A^T) L` (the Gram of the QR core `L^T A`) gives the singular values and left vectors
+//!   of the delta in one symmetric eigendecomposition; keep `r`. All in f64 from the f32
+//!   factors. Never forms an out x in matrix; costs `O((in + out) R^2 + R^3)`.
 //! - `ties` (Yadav et al., 2023): per input trim to the `density` fraction of largest-magnitude
 //!   entries, elect each entry's sign by the (weighted) sum, average the entries that agree with
 //!   it; then back to rank `r` by a truncated (randomised) SVD whose error is measured.
@@ -32,7 +34,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::adapter::{LoraAdapter, LoraTarget, KEY_TASK_NAME};
+use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::error::{Error, Result};
 use crate::gguf::{Value, ValueType};
 use crate::linalg;
@@ -315,9 +317,8 @@ pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result
 /// Metadata every input agrees on (same key, same value), minus earlier merges' records.
 fn common_metadata(inputs: &[&LoraAdapter]) -> BTreeMap<String, Value> {
     let mut md = inputs[0].metadata.clone();
+    // A task name (or prompt prefix) survives only when all inputs share it.
     md.retain(|k, v| !k.starts_with(KEY_PREFIX) && inputs[1..].iter().all(|a| a.metadata.get(k) == Some(v)));
-    // A task name only survives when all inputs are the same task (kept by the rule above).
-    debug_assert!(inputs.len() > 1 || md.get(KEY_TASK_NAME) == inputs[0].metadata.get(KEY_TASK_NAME));
     md
 }
 

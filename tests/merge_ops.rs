@@ -4,7 +4,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use d2c_gguf::adapter::{DType, LoraAdapter, LoraTarget};
+use d2c_gguf::adapter::{DType, LoraAdapter, LoraTarget, KEY_TASK_NAME};
+use d2c_gguf::gguf::Value;
 use d2c_gguf::base::BaseModel;
 use d2c_gguf::merge::{self, MergeOptions, Method};
 use d2c_gguf::synth;
@@ -157,6 +158,27 @@ fn svd_of_one_adapter_at_its_rank_reproduces_it() {
         assert!(rel < 1e-5, "{name}: relative error {rel}");
         assert_eq!(out.targets[name].rank, 8);
     }
+}
+
+/// Degenerate stacks: the same adapter twice (singular Gram matrix) and an untrained adapter
+/// (B = 0, as PEFT initialises it) must not disturb the result.
+#[test]
+fn svd_survives_duplicate_and_zero_inputs() {
+    let t = SHAPES.map(|(n, o, i)| (n, o, i, 8));
+    let a = adapter("llama", 16.0, &t, 7);
+    let mut zero = adapter("llama", 16.0, &t, 8);
+    zero.targets.values_mut().for_each(|t| t.b.iter_mut().for_each(|x| *x = 0.0));
+    let opts = MergeOptions { weights: Some(vec![0.5, 0.5, 1.0]), ..Default::default() };
+    let out = merge::merge(&[&a, &a, &zero], &opts).unwrap();
+    for name in a.targets.keys() {
+        let want = dense(&a, name);
+        let rel = diff_frob(&dense(&out, name), &want) / frob(&want);
+        assert!(rel < 1e-5, "{name}: relative error {rel}");
+        assert_eq!(out.targets[name].rank, 8, "{name}: numerically absent directions are dropped");
+    }
+    // All inputs zero: a zero delta, still a well-formed target.
+    let out = merge::merge(&[&zero], &MergeOptions::default()).unwrap();
+    assert!(out.targets.values().all(|t| t.rank == 1 && t.b.iter().all(|x| *x == 0.0)));
 }
 
 #[test]
@@ -352,8 +374,11 @@ fn incompatible_inputs_are_refused_clearly() {
 fn merged_adapters_validate_and_load_in_llama_cpp() {
     let base_path = common::base_model();
     let base = BaseModel::open(&base_path).unwrap();
-    let a = synth::random_adapter(&base, &["attn_q", "attn_v"], 8, 16.0, 0.01, 1).unwrap();
-    let b = synth::random_adapter(&base, &["attn_q", "attn_v", "ffn_down"], 16, 32.0, 0.01, 2).unwrap();
+    let mut a = synth::random_adapter(&base, &["attn_q", "attn_v"], 8, 16.0, 0.01, 1).unwrap();
+    let mut b = synth::random_adapter(&base, &["attn_q", "attn_v", "ffn_down"], 16, 32.0, 0.01, 2).unwrap();
+    // Task names make the output carry a string array (d2c.merge.tasks): llama.cpp must take it.
+    a.metadata.insert(KEY_TASK_NAME.into(), Value::String("dates".into()));
+    b.metadata.insert(KEY_TASK_NAME.into(), Value::String("sums".into()));
     let c = synth::random_adapter(&base, &["attn_q", "attn_v"], 8, 8.0, 0.01, 3).unwrap();
     let d = synth::random_adapter(&base, &["attn_q", "attn_v", "ffn_down"], 16, 0.0, 0.01, 4).unwrap();
     let dir = common::tempdir();
@@ -377,6 +402,7 @@ fn merged_adapters_validate_and_load_in_llama_cpp() {
         model.load_adapter(&path).unwrap_or_else(|e| panic!("{method}: {e}"));
         let back = LoraAdapter::read(&path).unwrap();
         assert_eq!(back.metadata.get(merge::KEY_METHOD).and_then(|v| v.as_str()), Some(method.name()));
+        assert_eq!(back.task_name(), None, "a merge of different tasks claims none of them");
     }
 }
 
