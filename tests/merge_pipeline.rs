@@ -167,7 +167,13 @@ fn budget_at_least_n_keeps_each_task_adapter() {
         assert!(a.merge.is_none());
         let ours = LoraAdapter::read(out.join(&a.file)).unwrap();
         let input = LoraAdapter::read(task_set().join("adapters").join(format!("{}.gguf", a.tasks[0]))).unwrap();
-        assert_eq!(ours.targets, input.targets, "{}", a.tasks[0]);
+        // Same deltas (the inputs are f16, the output f32: values carry over exactly).
+        assert_eq!(ours.targets.len(), input.targets.len());
+        for (name, t) in &input.targets {
+            let o = &ours.targets[name];
+            assert_eq!((&o.a, &o.b, o.rank), (&t.a, &t.b, t.rank), "{} {name}", a.tasks[0]);
+        }
+        assert_eq!(ours.alpha, input.alpha);
         assert!(m.scores[&a.tasks[0]].regret.abs() < 1e-9);
     }
 }
