@@ -6,7 +6,10 @@
 # Outputs land in $D2C_CACHE/demo (default ~/.cache/d2c-gguf/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(bash scripts/setup.sh | grep '^D2C_' | sed 's/^/export /')"
+setup_out="$(mktemp)"
+bash scripts/setup.sh > "$setup_out"   # fails the script if setup fails
+eval "$(grep '^D2C_' "$setup_out" | sed 's/^/export /')"
+rm -f "$setup_out"
 cargo build --release --locked --bin d2c-gguf
 BIN=target/release/d2c-gguf
 DEMO="$D2C_CACHE/demo"

@@ -3,7 +3,10 @@
 # builds once in release (llama.cpp is compiled once per cargo profile), runs the workspace tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(bash scripts/setup.sh | grep '^D2C_' | sed 's/^/export /')"
+setup_out="$(mktemp)"
+bash scripts/setup.sh > "$setup_out"   # fails the script if setup fails
+eval "$(grep '^D2C_' "$setup_out" | sed 's/^/export /')"
+rm -f "$setup_out"
 # One test at a time: llama.cpp already uses every core, and its spinning thread pools slow
 # to a crawl when several tests oversubscribe the CPU.
 cargo test --release --workspace --locked -- --test-threads=1 "$@"
