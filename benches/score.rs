@@ -1,7 +1,7 @@
 //! Scoring speed against its limit: the raw `llama_decode` throughput of the same model, same
 //! threads, same batch size, in-process; and the time to switch adapters.
 //!
-//!     cargo bench --bench score -- [--threads N] [--batch N] [--samples N] [--model PATH]
+//!     cargo bench --bench score -- [--threads N] [--batch N] [--samples N] [--reps N] [--model PATH]
 //!
 //! Workload: seeded English-like samples (prompt 40-160 tokens, completion 8-64 tokens).
 //! Reported:
@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use d2c_gguf::adapter::DType;
 use d2c_gguf::base::BaseModel;
-use d2c_gguf::llama::{Batch, Model, Session, Token};
+use d2c_gguf::llama::{Batch, Model, Session, SessionConfig, Token};
 use d2c_gguf::samples::Sample;
-use d2c_gguf::score::{ScoreJob, ScoreOptions, Scorer};
+use d2c_gguf::score::{token_nll, ScoreJob, ScoreOptions, Scorer};
 use d2c_gguf::synth;
 use rand::Rng;
 
@@ -29,6 +29,7 @@ struct Args {
     threads: i32,
     batch: u32,
     samples: usize,
+    reps: usize,
 }
 
 fn args() -> Args {
@@ -40,8 +41,9 @@ fn args() -> Args {
             .map(PathBuf::from)
             .unwrap_or_else(|| cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
         threads: d2c_gguf::llama::default_threads(),
-        batch: 512,
+        batch: 256,
         samples: 96,
+        reps: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,6 +53,7 @@ fn args() -> Args {
             "--threads" => a.threads = value().parse().expect("--threads N"),
             "--batch" => a.batch = value().parse().expect("--batch N"),
             "--samples" => a.samples = value().parse().expect("--samples N"),
+            "--reps" => a.reps = value().parse::<usize>().expect("--reps N").max(1),
             "--bench" => {} // added by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -98,7 +101,7 @@ fn workload(n: usize) -> Vec<Sample> {
 /// logits at every `1/logit_share`-th position (and always the last).
 fn raw_decode_rate(session: &mut Session<'_>, tokens: &[Token], n_batch: usize, logit_share: f64, rounds: usize) -> f64 {
     let mut batch = Batch::new(n_batch, 1);
-    let mut fill = |batch: &mut Batch, round: usize| {
+    let fill = |batch: &mut Batch, round: usize| {
         batch.clear();
         let mut owed = 0.0;
         for i in 0..n_batch {
@@ -142,7 +145,14 @@ fn main() {
         .collect();
     let samples = workload(args.samples);
     let n_batch = args.batch as usize;
-    println!("model {}  threads {}  batch {}  samples {}", args.model.display(), args.threads, args.batch, samples.len());
+    println!(
+        "model {}  threads {}  batch {}  samples {}  repetitions {}",
+        args.model.display(),
+        args.threads,
+        args.batch,
+        samples.len(),
+        args.reps
+    );
 
     let opts = ScoreOptions { threads: Some(args.threads), n_batch: args.batch, n_ctx: None, progress: false };
     let mut scorer = Scorer::new(&args.model, opts).unwrap();
@@ -153,32 +163,58 @@ fn main() {
     let logit_share = scored_tokens as f64 / all_tokens as f64;
     println!("workload: {all_tokens} tokens, {scored_tokens} scored ({:.0} %)", 100.0 * logit_share);
 
-    // Scorer, warmed up once (first decodes reserve buffers), then timed.
-    let mut scorer_rate = |adapter: Option<usize>| {
-        let job = [ScoreJob { adapter, scale: 1.0, samples: &samples }];
-        scorer.score(&job).unwrap();
-        let reps = 3;
-        let t = Instant::now();
-        for _ in 0..reps {
-            scorer.score(&job).unwrap();
-        }
-        let secs = t.elapsed().as_secs_f64() / reps as f64;
-        (all_tokens as f64 / secs, scored_tokens as f64 / secs)
+    // The log-softmax of one vocabulary row, done on our side for every scored token.
+    let row: Vec<f32> = {
+        let mut rng = synth::rng(5);
+        (0..scorer.model().n_vocab()).map(|_| synth::normal(&mut rng) * 8.0).collect()
     };
-    let (score_base, score_base_c) = scorer_rate(None);
-    let (score_lora, score_lora_c) = scorer_rate(Some(a0));
-    drop(scorer);
+    let t = Instant::now();
+    let mut acc = 0.0;
+    for i in 0..2000 {
+        acc += token_nll(&row, i);
+    }
+    assert!(acc.is_finite());
+    println!("log-softmax of one {}-logit row: {:.1} us", row.len(), t.elapsed().as_secs_f64() / 2000.0 * 1e6);
 
-    // Raw decode on a separate model instance with the same adapters.
+    // Raw decode on a second instance of the model with the same adapters.
     let mut model = Model::load(&args.model).unwrap();
     let mut adapters: Vec<_> = adapter_paths.iter().map(|p| model.load_adapter(p).unwrap()).collect();
     let corpus: Vec<Token> = tokenised.iter().flat_map(|t| t.tokens.iter().copied()).collect();
-    let rounds = (3 * all_tokens / n_batch).max(4);
-    let mut session = model.session(args.batch, args.batch, 1, Some(args.threads), &mut adapters).unwrap();
-    let raw_last = raw_decode_rate(&mut session, &corpus, n_batch, 0.0, rounds);
-    let raw_same = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
-    session.set_adapter(Some((0, 1.0))).unwrap();
-    let raw_lora_same = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
+    let rounds = all_tokens.div_ceil(n_batch).max(2);
+    let cfg = SessionConfig { n_ctx: args.batch, n_batch: args.batch, n_seq: 1, threads: Some(args.threads), ..SessionConfig::default() };
+    let mut fa_session = model.session_with(SessionConfig { flash_attention: true, ..cfg }, &mut []).unwrap();
+    // The scorer's own setting: plain attention (see src/score.rs).
+    let mut session = model.session_with(cfg, &mut adapters).unwrap();
+
+    // Scorer and raw decode alternate, so that a change in machine load hits both alike; the
+    // ratios are taken within each repetition, then the median is reported.
+    let mut score_once = |adapter: Option<usize>| {
+        let job = [ScoreJob { adapter, scale: 1.0, samples: &samples }];
+        let t = Instant::now();
+        scorer.score(&job).unwrap();
+        all_tokens as f64 / t.elapsed().as_secs_f64()
+    };
+    // Warm-up: first decodes reserve buffers.
+    score_once(None);
+    score_once(Some(a0));
+    let mut rows: Vec<[f64; 7]> = Vec::new();
+    for rep in 0..args.reps {
+        session.set_adapter(None).unwrap();
+        let raw_last = raw_decode_rate(&mut session, &corpus, n_batch, 0.0, rounds);
+        let raw_same = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
+        let scored_base = score_once(None);
+        session.set_adapter(Some((0, 1.0))).unwrap();
+        let raw_lora = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
+        let scored_lora = score_once(Some(a0));
+        let raw_fa = raw_decode_rate(&mut fa_session, &corpus, n_batch, 0.0, rounds);
+        println!(
+            "rep {rep}: raw {raw_last:.0} / same-logits {raw_same:.0} / +adapter {raw_lora:.0} / flash-attn {raw_fa:.0}; \
+             scorer {scored_base:.0} / +adapter {scored_lora:.0} tokens/s"
+        );
+        rows.push([raw_last, raw_same, raw_lora, raw_fa, scored_base, scored_lora, 0.0]);
+    }
+    let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+    let ratio = |a: usize, b: usize| median(rows.iter().map(|r| r[a] / r[b]).collect());
 
     // Adapter switch: a short decode right after a switch, against the same decode without one.
     let short = 8usize;
@@ -196,39 +232,36 @@ fn main() {
     let mut switched = Vec::new();
     let mut set_only = Vec::new();
     for k in 0..30 {
+        let t = Instant::now();
         session.set_adapter(Some((k % 2, 1.0))).unwrap();
+        set_only.push(t.elapsed().as_secs_f64());
         switched.push(short_decode(&mut session));
         session.clear_kv();
         plain.push(short_decode(&mut session));
         session.clear_kv();
-        let t = Instant::now();
-        session.set_adapter(Some(((k + 1) % 2, 1.0))).unwrap();
-        set_only.push(t.elapsed().as_secs_f64());
-        session.set_adapter(Some((k % 2, 1.0))).unwrap();
-        short_decode(&mut session);
-        session.clear_kv();
     }
-    let switch_ms = (median(switched.clone()) - median(plain.clone())) * 1e3;
+    let switch_ms = (median(switched) - median(plain.clone())) * 1e3;
 
     println!();
-    println!("raw decode, logits at last token only        {:>9.0} tokens/s", raw_last);
-    println!("raw decode, logits at {:>3.0} % of positions     {:>9.0} tokens/s", 100.0 * logit_share, raw_same);
-    println!("raw decode, same, adapter applied            {:>9.0} tokens/s", raw_lora_same);
+    println!("medians over {} repetitions, tokens/s (prompt + completion tokens):", rows.len());
+    println!("  raw llama_decode, logits for the last token only   {:>8.0}", col(0));
+    println!("  raw llama_decode, logits at {:>3.0} % of positions     {:>8.0}", 100.0 * logit_share, col(1));
+    println!("  raw llama_decode, same, adapter applied            {:>8.0}", col(2));
+    println!("  raw llama_decode, flash attention, last logits     {:>8.0}  (not used: see src/score.rs)", col(3));
     println!(
-        "scorer, base model                           {:>9.0} tokens/s ({:.0} scored/s)  {:.1} % of raw same-logits, {:.1} % of raw last-only",
-        score_base,
-        score_base_c,
-        100.0 * score_base / raw_same,
-        100.0 * score_base / raw_last
+        "  scorer, base model                                 {:>8.0}  = {:.1} % of raw same-logits, {:.1} % of raw last-only",
+        col(4),
+        100.0 * ratio(4, 1),
+        100.0 * ratio(4, 0)
     );
     println!(
-        "scorer, adapter applied                      {:>9.0} tokens/s ({:.0} scored/s)  {:.1} % of raw same-logits with adapter",
-        score_lora,
-        score_lora_c,
-        100.0 * score_lora / raw_lora_same
+        "  scorer, adapter applied                            {:>8.0}  = {:.1} % of raw same-logits with the adapter",
+        col(5),
+        100.0 * ratio(5, 2)
     );
     println!(
-        "adapter switch (rank 8, q+v, 30 layers)      {:>9.2} ms extra on the next decode (set call alone {:.3} ms; {short}-token decode {:.2} ms)",
+        "adapter switch (rank 8, attn_q + attn_v, 30 layers): {:.2} ms extra on the next decode \
+         (llama_set_adapters_lora itself {:.3} ms; {short}-token decode {:.2} ms)",
         switch_ms,
         median(set_only) * 1e3,
         median(plain) * 1e3
