@@ -120,3 +120,19 @@ pub fn map_file(file: &File) -> std::io::Result<Mmap> {
     // (llama.cpp included). Nothing here writes through the map.
     unsafe { Mmap::map(file) }
 }
+
+/// Make a closed stdout end the process the way it ends `cat` or `grep`.
+///
+/// Rust ignores SIGPIPE, so `d2c-gguf inspect ... | head` would otherwise panic in `println!`
+/// once `head` exits. Called once, first thing in `main`, before any thread exists.
+#[cfg(unix)]
+pub fn die_quietly_on_closed_stdout() {
+    // SAFETY: setting a signal disposition to SIG_DFL installs no handler code; it is done before
+    // the program starts any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+pub fn die_quietly_on_closed_stdout() {}

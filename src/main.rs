@@ -139,6 +139,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    d2c_gguf::ffi::die_quietly_on_closed_stdout();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
