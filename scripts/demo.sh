@@ -20,7 +20,7 @@ if [ ! -f "$SET/.complete" ]; then
   touch "$SET/.complete"
 fi
 echo "== inspect one task adapter"
-"$BIN" inspect "$SET/adapters/g0-t0.gguf" | head -6
+"$BIN" inspect "$SET/adapters/g0-t0.gguf" | sed -n 1,6p   # sed reads to the end: no SIGPIPE under pipefail
 echo "== validate all task adapters against the base"
 "$BIN" validate --base "$D2C_BASE_MODEL" "$SET"/adapters/*.gguf
 echo "== merge 9 task adapters into 3 (D2C)"
