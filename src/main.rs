@@ -104,6 +104,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exact-match accuracy of greedy generation on held-out examples, per task, under each
+    /// task's own adapter (--adapters), the adapter a manifest assigns it (--manifest), or the
+    /// base model. The prediction is the first generated line, trimmed.
+    Eval {
+        #[arg(long)]
+        base: PathBuf,
+        /// Directory of <task>.jsonl test files ({"prompt": ..., "completion": ...} per line).
+        #[arg(long)]
+        tests: PathBuf,
+        /// Directory of <task>.gguf: every task under its own adapter.
+        #[arg(long, conflicts_with = "manifest")]
+        adapters: Option<PathBuf>,
+        /// manifest.json of a merge: every task under its assigned adapter (hashes checked).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Most tokens generated per example (generation also stops at a newline).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        max_tokens: u64,
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        threads: Option<i32>,
+        /// Tokens per llama.cpp decode call.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
+        /// Examples decoded together (one sequence each). A different value can flip near-ties
+        /// (llama.cpp's sums depend on the batch shape); 1 is exactly single-prompt decoding.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=256))]
+        parallel: u64,
+        /// Include every prediction in the JSON output.
+        #[arg(long)]
+        predictions: bool,
+        /// Print {"tasks": {task: {"adapter", "correct", "total", "accuracy"}}, "mean_accuracy", ...}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Merge LoRA adapters into one: svd (best rank-r approximation of the weighted sum of the
     /// deltas), cat (exact, rank = sum of ranks), ties, dare, or linear (PEFT's baseline).
     MergeAdapters {
@@ -186,6 +220,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let a = LoraAdapter::read(&input)?;
             let bytes = a.write(&output, dtype, &[&input])?;
             eprintln!("wrote {} ({bytes} bytes, {dtype})", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { base, tests, adapters, manifest, max_tokens, threads, batch, parallel, predictions, json } => {
+            use d2c_gguf::evaluate::{evaluate, AdapterChoice, EvalOptions};
+            let choice = match (adapters, manifest) {
+                (Some(dir), _) => AdapterChoice::PerTask(dir),
+                (None, Some(m)) => AdapterChoice::Manifest(m),
+                (None, None) => AdapterChoice::Base,
+            };
+            let opts = EvalOptions {
+                max_tokens: max_tokens as usize,
+                threads,
+                n_batch: batch,
+                n_parallel: parallel as usize,
+                keep_predictions: predictions,
+                progress: true,
+            };
+            let report = evaluate(&base, &tests, &choice, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Score { base, samples, adapter, threads, batch, json } => {
