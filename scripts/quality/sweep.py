@@ -1,0 +1,255 @@
+"""The quality benchmark's evaluation (issue 8, part 2): merge the task adapters with every
+strategy at several budgets, judge each result on the held-out tests by greedy generation
+through llama.cpp (`d2c-gguf eval`), and write the table and plot of docs/results.md.
+
+    python sweep.py run [--ks 1,2,4,8,n/4,n/2] [--strategies single,random,kmeans,d2c] ...
+    python sweep.py report [--out-dir ../../docs]
+
+Every configuration's result is appended to $D2C_CACHE/quality/sweep/results.jsonl as soon as
+it exists, keyed by its settings, so an interrupted sweep resumes where it stopped and a
+second run with the same settings does nothing. Scores go through one shared --cache, so the
+examples of a task are scored under its own adapter and the base only once for the whole sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ADAPTERS, BASE_GGUF, QUALITY, TASKS, log, read_jsonl, task_names, write_atomic
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "release" / "d2c-gguf"
+SWEEP = QUALITY / "sweep"
+RESULTS = SWEEP / "results.jsonl"
+
+
+def sh(args: list[str]) -> str:
+    log(" ".join(str(a) for a in args))
+    done = subprocess.run([str(a) for a in args], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"sweep: command failed ({done.returncode}): {' '.join(str(a) for a in args)}")
+    return done.stdout
+
+
+def evaluate(extra: list[str], threads: int) -> dict:
+    out = sh([BIN, "eval", "--base", BASE_GGUF, "--tests", TASKS / "test", "--threads", threads, "--json", *extra])
+    return json.loads(out)
+
+
+def load_results() -> dict[str, dict]:
+    if not RESULTS.is_file():
+        return {}
+    return {r["key"]: r for r in read_jsonl(RESULTS)}
+
+
+def append_result(row: dict) -> None:
+    SWEEP.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def parse_ks(spec: str, n: int) -> list[int]:
+    ks = []
+    for part in spec.split(","):
+        part = part.strip().lower()
+        k = n // int(part[2:]) if part.startswith("n/") else int(part)
+        if 1 <= k < n and k not in ks:
+            ks.append(k)
+    return sorted(ks)
+
+
+def run(args: argparse.Namespace) -> None:
+    tasks = task_names()
+    n = len(tasks)
+    missing = [t for t in tasks if not (ADAPTERS / f"{t}.gguf").is_file()]
+    if missing:
+        sys.exit(f"sweep: {len(missing)} task adapters missing in {ADAPTERS} (run scripts/quality-build.sh): {missing[:5]}")
+    done = load_results()
+    merge_settings = {
+        "rounds": args.rounds,
+        "tune_methods": args.tune_methods,
+        "tune_scales": args.tune_scales,
+        "max_tokens": args.max_tokens,
+    }
+
+    def once(key: str, make) -> None:
+        if key in done:
+            return
+        row = make()
+        row["key"] = key
+        append_result(row)
+        done[key] = row
+
+    # Ceilings and floor: every task under its own adapter, and the base model.
+    def reference(kind: str) -> dict:
+        t = time.time()
+        extra = ["--adapters", ADAPTERS] if kind == "own" else []
+        ev = evaluate([*extra, "--max-tokens", str(args.max_tokens)], args.threads)
+        return {"strategy": kind, "k": n if kind == "own" else 0, "eval": ev, "eval_seconds": time.time() - t}
+
+    once(f"own/{args.max_tokens}", lambda: reference("own"))
+    once(f"base/{args.max_tokens}", lambda: reference("base"))
+
+    configs = []
+    for k in parse_ks(args.ks, n):
+        for strategy in args.strategies.split(","):
+            if strategy == "single":
+                if k == 1:
+                    configs.append(("single", 1, 0))
+            elif strategy == "random":
+                configs += [("random", k, s) for s in range(args.random_seeds)]
+            elif k > 1 or strategy == "kmeans":
+                configs.append((strategy, k, 0))
+    settings_id = hashlib.blake2s(json.dumps(merge_settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+    for strategy, k, seed in configs:
+        key = f"{strategy}/k{k}/s{seed}/{settings_id}"
+
+        def make(strategy=strategy, k=k, seed=seed) -> dict:
+            out = SWEEP / "merged" / key.replace("/", "-")
+            t = time.time()
+            sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", ADAPTERS, "--samples", TASKS / "samples",
+                "--budget", k, "--strategy", strategy, "--seed", seed, "--rounds", args.rounds,
+                "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales,
+                "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
+            merge_seconds = time.time() - t
+            manifest = json.loads((out / "manifest.json").read_text())
+            t = time.time()
+            ev = evaluate(["--manifest", out / "manifest.json", "--max-tokens", str(args.max_tokens)], args.threads)
+            return {
+                "strategy": strategy,
+                "k": k,
+                "seed": seed,
+                "settings": merge_settings,
+                "merge_seconds": merge_seconds,
+                "eval_seconds": time.time() - t,
+                "storage": manifest["storage"],
+                "objective": manifest["objective"],
+                "rounds": [{"objective": r["objective"], "scored_sequences": r["scored_sequences"]} for r in manifest["rounds"]],
+                "clusters": [a["tasks"] for a in manifest["adapters"]],
+                "scoring": manifest["scoring"],
+                "eval": ev,
+            }
+
+        once(key, make)
+    log(f"sweep: {len(done)} results in {RESULTS}")
+
+
+def normalised(ev: dict, own: dict) -> tuple[float, int]:
+    """Mean over tasks of accuracy / own-adapter accuracy; tasks the own adapter never gets
+    right carry no information and are left out (their count is returned)."""
+    ratios = []
+    skipped = 0
+    for task, r in ev["tasks"].items():
+        ceiling = own["tasks"][task]["accuracy"]
+        if ceiling <= 0:
+            skipped += 1
+            continue
+        ratios.append(r["accuracy"] / ceiling)
+    return sum(ratios) / max(len(ratios), 1), skipped
+
+
+def report(args: argparse.Namespace) -> None:
+    rows = list(load_results().values())
+    own = next((r for r in rows if r["strategy"] == "own"), None)
+    base = next((r for r in rows if r["strategy"] == "base"), None)
+    if own is None:
+        sys.exit(f"sweep: no own-adapter result in {RESULTS}; run `sweep.py run` first")
+    n = len(own["eval"]["tasks"])
+    families = json.loads((TASKS / "tasks.json").read_text())["tasks"]
+
+    # Group random seeds: mean and spread.
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r["strategy"] in ("own", "base"):
+            continue
+        groups.setdefault((r["strategy"], r["k"]), []).append(r)
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3}
+    lines = []
+    points: dict[str, list[tuple[float, float]]] = {}
+    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
+        scores = [normalised(r["eval"], own["eval"])[0] for r in rs]
+        acc = [r["eval"]["mean_accuracy"] for r in rs]
+        frac = sum(r["storage"]["byte_fraction"] for r in rs) / len(rs)
+        mean = sum(scores) / len(scores)
+        spread = f" ± {(max(scores) - min(scores)) / 2:.3f}" if len(scores) > 1 else ""
+        minutes = sum(r["merge_seconds"] for r in rs) / len(rs) / 60
+        lines.append(
+            f"| {strategy}{f' ({len(rs)} seeds)' if len(rs) > 1 else ''} | {k} | {frac:.3f} | "
+            f"{mean:.3f}{spread} | {sum(acc) / len(acc):.3f} | {minutes:.1f} |"
+        )
+        points.setdefault(strategy, []).append((frac, mean))
+    own_acc = own["eval"]["mean_accuracy"]
+    base_norm = normalised(base["eval"], own["eval"])[0] if base else float("nan")
+    _, skipped = normalised(own["eval"], own["eval"])
+    table = "\n".join(
+        [
+            "| strategy | K | storage (fraction of the N adapters' bytes) | mean normalised score | mean accuracy | merge time (min) |",
+            "|---|---|---|---|---|---|",
+            f"| own adapters | {n} | 1.000 | 1.000 | {own_acc:.3f} | - |",
+            *lines,
+            f"| base model | 0 | 0.000 | {base_norm:.3f} | {base['eval']['mean_accuracy'] if base else float('nan'):.3f} | - |",
+        ]
+    )
+    per_task = "\n".join(
+        f"| {t} | {families[t]['family']} | {own['eval']['tasks'][t]['accuracy']:.2f} | "
+        f"{base['eval']['tasks'][t]['accuracy'] if base else float('nan'):.2f} |"
+        for t in sorted(own["eval"]["tasks"])
+    )
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(points, own_acc, base_norm, out_dir / "quality-vs-storage.png")
+    write_atomic(out_dir / "results-table.md", f"{table}\n\n{skipped} task(s) left out of the normalised score (own adapter accuracy 0).\n\n| task | family | own accuracy | base accuracy |\n|---|---|---|---|\n{per_task}\n")
+    log(f"wrote {out_dir / 'results-table.md'} and {out_dir / 'quality-vs-storage.png'}")
+    print(table)
+
+
+def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o"}
+    for strategy, pts in sorted(points.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy, "."), label=strategy)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="own adapters")
+    if base_norm == base_norm:
+        ax.axhline(base_norm, color="grey", lw=0.8, ls=":", label="base model")
+    ax.set_xlabel("storage: fraction of the task adapters' bytes")
+    ax.set_ylabel("mean normalised score (accuracy / own)")
+    ax.set_xscale("log")
+    ax.set_title("SmolLM2-135M, held-out exact match")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c")
+    r.add_argument("--random-seeds", type=int, default=3)
+    r.add_argument("--rounds", type=int, default=6)
+    r.add_argument("--tune-methods", default="svd,ties,dare")
+    r.add_argument("--tune-scales", default="1,1.25,1.5")
+    r.add_argument("--max-tokens", type=int, default=12)
+    r.add_argument("--threads", type=int, default=2)
+    rep = sub.add_parser("report")
+    rep.add_argument("--out-dir", default=str(ROOT / "docs"))
+    args = p.parse_args()
+    {"run": run, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
