@@ -37,9 +37,29 @@ def sh(args: list[str]) -> str:
     return done.stdout
 
 
-def evaluate(extra: list[str], threads: int) -> dict:
-    out = sh([BIN, "eval", "--base", BASE_GGUF, "--tests", TASKS / "test", "--threads", threads, "--json", *extra])
+def evaluate(tests: Path, extra: list[str], threads: int) -> dict:
+    out = sh([BIN, "eval", "--base", BASE_GGUF, "--tests", tests, "--threads", threads, "--json", *extra])
     return json.loads(out)
+
+
+def task_set(families: str | None) -> tuple[str, list[str], Path]:
+    """The tasks of the benchmark (or of some of its families) as a directory of links
+    `adapters/`, `samples/`, `test/`, and the set's name ("all" or the families joined)."""
+    info = json.loads((TASKS / "tasks.json").read_text())["tasks"]
+    chosen = sorted(families.split(",")) if families else None
+    tasks = [t for t in task_names() if chosen is None or info[t]["family"] in chosen]
+    if not tasks:
+        sys.exit(f"sweep: no task in families {families}")
+    name = "all" if chosen is None else "+".join(chosen)
+    root = SWEEP / "sets" / name
+    for sub, src, ext in (("adapters", ADAPTERS, "gguf"), ("samples", TASKS / "samples", "jsonl"), ("test", TASKS / "test", "jsonl")):
+        d = root / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for t in tasks:
+            link = d / f"{t}.{ext}"
+            if not link.is_symlink():
+                link.symlink_to(src / f"{t}.{ext}")
+    return name, tasks, root
 
 
 def load_results() -> dict[str, dict]:
@@ -65,7 +85,7 @@ def parse_ks(spec: str, n: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> None:
-    tasks = task_names()
+    set_name, tasks, root = task_set(args.families)
     n = len(tasks)
     missing = [t for t in tasks if not (ADAPTERS / f"{t}.gguf").is_file()]
     if missing:
@@ -89,12 +109,12 @@ def run(args: argparse.Namespace) -> None:
     # Ceilings and floor: every task under its own adapter, and the base model.
     def reference(kind: str) -> dict:
         t = time.time()
-        extra = ["--adapters", ADAPTERS] if kind == "own" else []
-        ev = evaluate([*extra, "--max-tokens", str(args.max_tokens)], args.threads)
-        return {"strategy": kind, "k": n if kind == "own" else 0, "eval": ev, "eval_seconds": time.time() - t}
+        extra = ["--adapters", root / "adapters"] if kind == "own" else []
+        ev = evaluate(root / "test", [*extra, "--max-tokens", str(args.max_tokens)], args.threads)
+        return {"set": set_name, "strategy": kind, "k": n if kind == "own" else 0, "eval": ev, "eval_seconds": time.time() - t}
 
-    once(f"own/{args.max_tokens}", lambda: reference("own"))
-    once(f"base/{args.max_tokens}", lambda: reference("base"))
+    once(f"{set_name}/own/{args.max_tokens}", lambda: reference("own"))
+    once(f"{set_name}/base/{args.max_tokens}", lambda: reference("base"))
 
     configs = []
     for k in parse_ks(args.ks, n):
@@ -108,20 +128,21 @@ def run(args: argparse.Namespace) -> None:
                 configs.append((strategy, k, 0))
     settings_id = hashlib.blake2s(json.dumps(merge_settings, sort_keys=True).encode(), digest_size=4).hexdigest()
     for strategy, k, seed in configs:
-        key = f"{strategy}/k{k}/s{seed}/{settings_id}"
+        key = f"{set_name}/{strategy}/k{k}/s{seed}/{settings_id}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = SWEEP / "merged" / key.replace("/", "-")
             t = time.time()
-            sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", ADAPTERS, "--samples", TASKS / "samples",
+            sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", root / "samples",
                 "--budget", k, "--strategy", strategy, "--seed", seed, "--rounds", args.rounds,
                 "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
             merge_seconds = time.time() - t
             manifest = json.loads((out / "manifest.json").read_text())
             t = time.time()
-            ev = evaluate(["--manifest", out / "manifest.json", "--max-tokens", str(args.max_tokens)], args.threads)
+            ev = evaluate(root / "test", ["--manifest", out / "manifest.json", "--max-tokens", str(args.max_tokens)], args.threads)
             return {
+                "set": set_name,
                 "strategy": strategy,
                 "k": k,
                 "seed": seed,
@@ -155,7 +176,8 @@ def normalised(ev: dict, own: dict) -> tuple[float, int]:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = list(load_results().values())
+    set_name = "all" if not args.families else "+".join(sorted(args.families.split(",")))
+    rows = [r for r in load_results().values() if r.get("set") == set_name]
     own = next((r for r in rows if r["strategy"] == "own"), None)
     base = next((r for r in rows if r["strategy"] == "base"), None)
     if own is None:
@@ -203,13 +225,14 @@ def report(args: argparse.Namespace) -> None:
     )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot(points, own_acc, base_norm, out_dir / "quality-vs-storage.png")
-    write_atomic(out_dir / "results-table.md", f"{table}\n\n{skipped} task(s) left out of the normalised score (own adapter accuracy 0).\n\n| task | family | own accuracy | base accuracy |\n|---|---|---|---|\n{per_task}\n")
-    log(f"wrote {out_dir / 'results-table.md'} and {out_dir / 'quality-vs-storage.png'}")
+    stem = "" if set_name == "all" else f"-{set_name.replace('+', '-')}"
+    plot(points, own_acc, base_norm, out_dir / f"quality-vs-storage{stem}.png", f"{n} tasks ({set_name})")
+    write_atomic(out_dir / f"results-table{stem}.md", f"{table}\n\n{skipped} task(s) left out of the normalised score (own adapter accuracy 0).\n\n| task | family | own accuracy | base accuracy |\n|---|---|---|---|\n{per_task}\n")
+    log(f"wrote {out_dir}/results-table{stem}.md and {out_dir}/quality-vs-storage{stem}.png")
     print(table)
 
 
-def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm: float, path: Path) -> None:
+def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm: float, path: Path, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +249,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     ax.set_xlabel("storage: fraction of the task adapters' bytes")
     ax.set_ylabel("mean normalised score (accuracy / own)")
     ax.set_xscale("log")
-    ax.set_title("SmolLM2-135M, held-out exact match")
+    ax.set_title(f"SmolLM2-135M, {what}, held-out exact match", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -245,7 +268,9 @@ def main() -> None:
     r.add_argument("--tune-scales", default="1,1.25,1.5")
     r.add_argument("--max-tokens", type=int, default=12)
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--families", help="only the tasks of these families (comma-separated)")
     rep = sub.add_parser("report")
+    rep.add_argument("--families")
     rep.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = p.parse_args()
     {"run": run, "report": report}[args.cmd](args)
