@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a default that needs nothing from the user: installs what is missing, builds
-# d2c-gguf, makes a small task set with known structure on SmolLM2-135M (3 prototype adapters,
-# 3 noisy task copies of each, 10 examples per task decoded greedily under its prototype),
-# then clusters the 9 task adapters into a budget of 3 with D2C and prints the report.
-# Outputs land in $D2C_CACHE/demo (default ~/.cache/d2c-gguf/demo).
+# d2c-gguf, then merges the four real task adapters of scripts/demo-set (SmolLM2-135M, trained
+# with PEFT: two arithmetic tasks, two string-casing tasks) into a budget of 2 with D2C, prints
+# the report, and checks the result on the held-out tests: accuracy under each task's own
+# adapter, under the merged adapter the manifest gives it, and under the base model.
+# Outputs land in $D2C_CACHE/demo (default ~/.cache/d2c-gguf/demo). Extra arguments go to merge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 setup_out="$(mktemp)"
@@ -12,19 +13,23 @@ eval "$(grep '^D2C_' "$setup_out" | sed 's/^/export /')"
 rm -f "$setup_out"
 cargo build --release --locked --bin d2c-gguf
 BIN=target/release/d2c-gguf
+SET=scripts/demo-set
 DEMO="$D2C_CACHE/demo"
-SET="$DEMO/tasks-v1"
-if [ ! -f "$SET/.complete" ]; then
-  rm -rf "$SET"
-  "$BIN" synth-tasks --base "$D2C_BASE_MODEL" --out "$SET" --groups 3 --tasks-per-group 3 --examples 10 --seed 7
-  touch "$SET/.complete"
-fi
 echo "== inspect one task adapter"
-"$BIN" inspect "$SET/adapters/g0-t0.gguf" | sed -n 1,6p   # sed reads to the end: no SIGPIPE under pipefail
+"$BIN" inspect "$SET/adapters/case-snake.gguf" | sed -n 1,4p   # sed reads to the end: no SIGPIPE under pipefail
 echo "== validate all task adapters against the base"
 "$BIN" validate --base "$D2C_BASE_MODEL" "$SET"/adapters/*.gguf
-echo "== merge 9 task adapters into 3 (D2C)"
+echo "== merge 4 task adapters into 2 (D2C)"
 "$BIN" merge --base "$D2C_BASE_MODEL" --adapters "$SET/adapters" --samples "$SET/samples" \
-  --budget 3 --out "$DEMO/merged" --force --cache "$DEMO/score-cache" "$@"
+  --budget 2 --out "$DEMO/merged" --force --cache "$DEMO/score-cache" "$@"
+for mode in own merged base; do
+  case $mode in
+    own) args=(--adapters "$SET/adapters") ;;
+    merged) args=(--manifest "$DEMO/merged/manifest.json") ;;
+    base) args=() ;;
+  esac
+  echo "== held-out exact match, $mode"
+  "$BIN" eval --base "$D2C_BASE_MODEL" --tests "$SET/test" --max-tokens 12 "${args[@]}"
+done
 echo
 echo "manifest: $DEMO/merged/manifest.json  (report again: $BIN report $DEMO/merged/manifest.json)"
