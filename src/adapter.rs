@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -205,6 +206,13 @@ impl LoraAdapter {
         Self::from_gguf(&file)
     }
 
+    /// [`LoraAdapter::read`] for a file image already in memory (same parser, same checks);
+    /// `path` only names the source in errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        let file = GgufFile::from_bytes(path, bytes)?;
+        Self::from_gguf(&file)
+    }
+
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let path = &file.path;
         let inv = |field: &str, reason: String| Error::invalid(path, field, reason);
@@ -304,7 +312,9 @@ impl LoraAdapter {
         Ok(LoraAdapter { architecture, alpha, targets, metadata })
     }
 
-    /// Encodes the adapter as GGUF with every tensor in `dtype`.
+    /// Encodes the adapter as GGUF with every tensor in `dtype`, except that under Q8_0 a tensor
+    /// whose rows are not whole 32-value blocks (`lora_b` of a rank below 32, say) is stored as
+    /// F16, as llama.cpp's own converter does; F16 is the nearest type with no block constraint.
     pub fn to_gguf(&self, dtype: DType) -> Result<GgufWriter> {
         let mut w = GgufWriter::default();
         for (k, v) in &self.metadata {
@@ -314,27 +324,33 @@ impl LoraAdapter {
         w.set(KEY_ARCHITECTURE, Value::String(self.architecture.clone()));
         w.set(KEY_ADAPTER_TYPE, Value::String("lora".into()));
         w.set(KEY_ALPHA, Value::F32(self.alpha));
-        let fail = |name: String, reason: String| Error::Usage(format!("cannot write tensor {name} as {dtype}: {reason}"));
-        for (base, t) in &self.targets {
-            // (row-major data, row length, ggml dims) of lora_a and lora_b as llama.cpp wants them.
-            let (a_data, a_row, a_dims, b_data, b_row, b_dims) = if base.ends_with(TOKEN_EMBD) {
-                let b_file = transpose(&t.a, t.rank, t.n_in); // n_embd x r
-                (t.b.clone(), t.rank, vec![t.rank as u64, t.n_out as u64], b_file, t.rank, vec![t.rank as u64, t.n_in as u64])
-            } else {
-                (t.a.clone(), t.n_in, vec![t.n_in as u64, t.rank as u64], t.b.clone(), t.rank, vec![t.rank as u64, t.n_out as u64])
-            };
-            for (suffix, data, row, dims) in [(SUFFIX_A, a_data, a_row, a_dims), (SUFFIX_B, b_data, b_row, b_dims)] {
-                let name = format!("{base}{suffix}");
-                if name.len() > crate::gguf::MAX_TENSOR_NAME_LEN {
-                    return Err(fail(name, "name is longer than ggml's 63 bytes".into()));
-                }
-                if !dtype.fits_row(row) {
-                    return Err(fail(name, format!("row length {row} is not a multiple of 32 (Q8_0 block size)")));
-                }
-                let bytes = ffi::encode_from_f32(dtype.ggml_type(), &data, row).map_err(|r| fail(name.clone(), r))?;
-                w.tensors.push(TensorOut { name, dims, ggml_type: dtype.ggml_type(), data: bytes });
-            }
-        }
+        let fail = |name: &str, reason: String| Error::Usage(format!("cannot write tensor {name} as {dtype}: {reason}"));
+        // Tensors are encoded in parallel (quantising is the slow part of writing), in the
+        // targets' order so that the file is the same whatever the thread count.
+        let encoded: Vec<[TensorOut; 2]> = self
+            .targets
+            .par_iter()
+            .map(|(base, t)| {
+                // (row-major data, row length, ggml dims) of lora_a and lora_b as llama.cpp wants them.
+                let (a_data, a_row, a_dims, b_data, b_row, b_dims) = if base.ends_with(TOKEN_EMBD) {
+                    let b_file = transpose(&t.a, t.rank, t.n_in); // n_embd x r
+                    (t.b.clone(), t.rank, vec![t.rank as u64, t.n_out as u64], b_file, t.rank, vec![t.rank as u64, t.n_in as u64])
+                } else {
+                    (t.a.clone(), t.n_in, vec![t.n_in as u64, t.rank as u64], t.b.clone(), t.rank, vec![t.rank as u64, t.n_out as u64])
+                };
+                let encode_one = |suffix: &str, data: Vec<f32>, row: usize, dims: Vec<u64>| -> Result<TensorOut> {
+                    let name = format!("{base}{suffix}");
+                    if name.len() > crate::gguf::MAX_TENSOR_NAME_LEN {
+                        return Err(fail(&name, "name is longer than ggml's 63 bytes".into()));
+                    }
+                    let chosen = if dtype.fits_row(row) { dtype } else { DType::F16 };
+                    let bytes = ffi::encode_from_f32(chosen.ggml_type(), &data, row).map_err(|r| fail(&name, r))?;
+                    Ok(TensorOut { name, dims, ggml_type: chosen.ggml_type(), data: bytes })
+                };
+                Ok([encode_one(SUFFIX_A, a_data, a_row, a_dims)?, encode_one(SUFFIX_B, b_data, b_row, b_dims)?])
+            })
+            .collect::<Result<_>>()?;
+        w.tensors.extend(encoded.into_iter().flatten());
         Ok(w)
     }
 

@@ -37,6 +37,14 @@ use crate::validate;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// adapter_config.json is a few KiB even with a rank_pattern entry for every module of a
+/// 100-layer model; it is read whole and parsed twice, so anything past 4 MiB is refused.
+pub const MAX_ADAPTER_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+/// The safetensors JSON header (names, dtypes, shapes, offsets) takes ~150 bytes per tensor:
+/// 16 MiB is 100k tensors, far above any adapter. The format's own ceiling (100 MB) would let
+/// one file make us parse that much JSON before a single check of ours.
+pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 16 * 1024 * 1024;
 const OUTPUT: &str = "output.weight";
 
 /// GGUF architectures we can convert to, with what each needs.
@@ -97,12 +105,19 @@ pub struct PeftConfig {
 impl PeftConfig {
     /// Reads and checks `adapter_config.json`; refuses what cannot be converted faithfully.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = fsutil::read_capped(path, MAX_ADAPTER_CONFIG_BYTES, "file size")?;
         Self::parse(path, &bytes)
     }
 
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         let inv = |field: &str, reason: String| Error::invalid(path, field, reason);
+        if bytes.len() as u64 > MAX_ADAPTER_CONFIG_BYTES {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                field: "file size".into(),
+                reason: format!("{} bytes exceeds the limit of {MAX_ADAPTER_CONFIG_BYTES} bytes", bytes.len()),
+            });
+        }
         let json: Json = serde_json::from_slice(bytes).map_err(|e| inv("json", format!("not valid JSON: {e}")))?;
         let obj = json.as_object().ok_or_else(|| inv("json", "expected a JSON object".into()))?;
         let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
@@ -437,17 +452,60 @@ pub fn convert_in_memory(peft_dir: &Path, base: &BaseModel) -> Result<Converted>
         return Err(Error::invalid(&weights_path, "file", format!("missing{hint}")));
     }
     let config = PeftConfig::read(&config_path)?;
-    let arch = ARCHS.iter().find(|a| a.name == base.architecture).ok_or_else(|| {
+    check_arch(base)?;
+    let file = File::open(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+    let map = ffi::map_file(&file).map_err(|e| Error::io(&weights_path, e))?;
+    convert_parsed(&config, &weights_path, &map, base, task_name_of(peft_dir))
+}
+
+/// [`convert_in_memory`] for file contents already in memory, with the same checks in the same
+/// order; the paths only name the sources in errors, `task_name` is what the directory name
+/// would give.
+pub fn convert_from_bytes(
+    config_path: &Path,
+    config: &[u8],
+    weights_path: &Path,
+    weights: &[u8],
+    base: &BaseModel,
+    task_name: Option<String>,
+) -> Result<Converted> {
+    let config = PeftConfig::parse(config_path, config)?;
+    check_arch(base)?;
+    convert_parsed(&config, weights_path, weights, base, task_name)
+}
+
+fn check_arch(base: &BaseModel) -> Result<&'static ArchSpec> {
+    ARCHS.iter().find(|a| a.name == base.architecture).ok_or_else(|| {
         Error::invalid(
             &base.path,
             "general.architecture",
             format!("{} is not supported by convert (supported: {})", base.architecture, supported_architectures().join(", ")),
         )
-    })?;
+    })
+}
 
-    let file = File::open(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
-    let map = ffi::map_file(&file).map_err(|e| Error::io(&weights_path, e))?;
-    let st = SafeTensors::deserialize(&map)
+/// Checks the safetensors header length (the file's first 8 bytes, little-endian) against our
+/// cap and the file before the JSON behind it is parsed.
+fn check_safetensors_header(weights_path: &Path, weights: &[u8]) -> Result<()> {
+    let fail = |reason: String| Error::Format { path: weights_path.to_path_buf(), field: "header size".into(), reason };
+    let Some(prefix) = weights.get(..8) else {
+        return Err(fail(format!("the file is {} bytes, shorter than its 8-byte header size", weights.len())));
+    };
+    let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if n > MAX_SAFETENSORS_HEADER_BYTES {
+        return Err(fail(format!("{n} bytes exceeds the limit of {MAX_SAFETENSORS_HEADER_BYTES} bytes")));
+    }
+    if n > weights.len() as u64 - 8 {
+        return Err(fail(format!("{n} bytes do not fit in the file ({} bytes): truncated or not safetensors", weights.len())));
+    }
+    Ok(())
+}
+
+fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base: &BaseModel, task_name: Option<String>) -> Result<Converted> {
+    let arch = check_arch(base)?;
+    check_safetensors_header(weights_path, weights)?;
+    let weights_path = weights_path.to_path_buf();
+    let st = SafeTensors::deserialize(weights)
         .map_err(|e| Error::Format { path: weights_path.clone(), field: "header".into(), reason: e.to_string() })?;
     let inv = |field: &str, reason: String| Error::invalid(&weights_path, field, reason);
 
@@ -533,7 +591,7 @@ pub fn convert_in_memory(peft_dir: &Path, base: &BaseModel) -> Result<Converted>
         ScaleMode::FoldedIntoB
     };
 
-    if let Some(task) = task_name_of(peft_dir) {
+    if let Some(task) = task_name {
         adapter.metadata.insert(KEY_TASK_NAME.into(), Value::String(task));
     }
     if let Some(tokens) = &config.alora_invocation_tokens {
@@ -652,33 +710,9 @@ fn convert_module(
 }
 
 /// Encodes in `dtype`; a tensor whose rows do not fit Q8_0 blocks falls back to F16, as
-/// llama.cpp's converter does.
+/// llama.cpp's converter does ([`LoraAdapter::to_gguf`]).
 pub fn encode(adapter: &LoraAdapter, dtype: DType) -> Result<GgufWriter> {
-    let fits = adapter.targets.iter().all(|(name, t)| {
-        let (a_row, b_row) = if name.ends_with(TOKEN_EMBD) { (t.rank, t.rank) } else { (t.n_in, t.rank) };
-        dtype.fits_row(a_row) && dtype.fits_row(b_row)
-    });
-    if fits {
-        return adapter.to_gguf(dtype);
-    }
-    let mut w = adapter.to_gguf(DType::F32)?;
-    let encoded: Vec<(u32, Vec<u8>)> = w
-        .tensors
-        .par_iter()
-        .map(|t| {
-            let row = t.dims[0] as usize;
-            let chosen = if dtype.fits_row(row) { dtype } else { DType::F16 };
-            let values: Vec<f32> = t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            ffi::encode_from_f32(chosen.ggml_type(), &values, row)
-                .map(|bytes| (chosen.ggml_type(), bytes))
-                .map_err(|r| Error::Usage(format!("cannot encode {} as {chosen}: {r}", t.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for (t, (ty, data)) in w.tensors.iter_mut().zip(encoded) {
-        t.ggml_type = ty;
-        t.data = data;
-    }
-    Ok(w)
+    adapter.to_gguf(dtype)
 }
 
 /// The result of one conversion.
@@ -803,14 +837,7 @@ pub fn convert_peft_dir(root: &Path, base_path: &Path, out_dir: &Path, dtype: DT
     let dirs = find_peft_dirs(root)?;
     let created_out_dir = !out_dir.exists();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let bar = if progress && dirs.len() > 1 {
-        let pb = indicatif::ProgressBar::new(dirs.len() as u64);
-        pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-        pb.set_message("converting");
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::bar(progress && dirs.len() > 1, dirs.len() as u64, "converting");
     let mut staged = Vec::new();
     let mut failures = Vec::new();
     for dir in &dirs {

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
@@ -226,6 +225,13 @@ impl ScoreCache {
                 let path = dir.join("scores.jsonl");
                 if path.exists() {
                     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                    // A kill mid-append leaves a line without its newline; cut it off, or the
+                    // next append would be glued to it and that finished score lost too.
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        let keep = text.rfind('\n').map_or(0, |i| i + 1) as u64;
+                        let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+                        f.set_len(keep).map_err(|e| Error::io(&path, e))?;
+                    }
                     for line in text.lines() {
                         // A line cut short by a kill is simply not reused.
                         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
@@ -252,8 +258,9 @@ impl ScoreCache {
 
     fn put(&mut self, key: String, value: (f64, usize)) -> Result<()> {
         if let Some((path, f)) = &mut self.file {
-            let line = json!({"key": key, "mean_nll": value.0, "tokens": value.1}).to_string();
-            writeln!(f, "{line}").map_err(|e| Error::io(path, e))?;
+            // One write per line (O_APPEND): a kill leaves whole lines or one cut-off tail.
+            let line = json!({"key": key, "mean_nll": value.0, "tokens": value.1}).to_string() + "\n";
+            f.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
         }
         self.map.insert(key, value);
         Ok(())
@@ -333,20 +340,6 @@ impl Evaluator {
         }
         Ok(out)
     }
-}
-
-fn progress_bar(enabled: bool, len: u64, msg: &str) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    pb
 }
 
 struct ClusterEval {
@@ -551,9 +544,11 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&out_parent).map_err(|e| Error::io(&out_parent, e))?;
+    remove_dead_staging(&out_parent);
     // Everything is built in a hidden sibling of --out and moved into place at the very end.
+    // Its name says which process builds it, so that a rerun can tell a killed run's leftovers.
     let staging = tempfile::Builder::new()
-        .prefix(".d2c-merge-")
+        .prefix(&format!("{STAGING_PREFIX}{}-", process_identity()))
         .tempdir_in(&out_parent)
         .map_err(|e| Error::io(&out_parent, e))?;
     let work_dir = staging.path().join("work");
@@ -574,7 +569,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let input_paths: Vec<&Path> = tasks.iter().map(|t| t.adapter_path.as_path()).collect();
 
     // Ceiling and floor of every task.
-    let pb = progress_bar(opts.progress, 2 * n as u64, "own / base scores");
+    let pb = crate::progress::bar(opts.progress, 2 * n as u64, "own / base scores");
     let task_refs: Vec<&Task> = tasks.iter().collect();
     let nll_base = ev.nll(None, &task_refs)?;
     let task_tokens: Vec<usize> = tasks
@@ -644,7 +639,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let mut best: Option<(f64, Assignment, usize)> = None;
     let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
     let max_rounds = if refine { opts.rounds } else { 0 };
-    let pb = progress_bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
+    let pb = crate::progress::bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
     for round in 0..=max_rounds {
         let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
         seen.insert(assign.clone());
@@ -695,7 +690,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let groups = cluster::clusters_of(&best_assign, k);
     let mut chosen: Vec<ClusterEval> = Vec::with_capacity(groups.len());
     let n_candidates = opts.tune_methods.len() * opts.tune_scales.len();
-    let pb = progress_bar(opts.progress, groups.len() as u64, "tuning merges");
+    let pb = crate::progress::bar(opts.progress, groups.len() as u64, "tuning merges");
     for members in &groups {
         let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
         let cluster_objective = |nll: &[f64]| -> f64 {
@@ -834,9 +829,64 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// Replaces `out` with the finished staging directory in as few steps as the OS allows.
+/// Hidden siblings of --out where runs build their output (see [`remove_dead_staging`]).
+const STAGING_PREFIX: &str = ".d2c-merge-";
+
+/// This process as `PID-STARTTIME` (start time in clock ticks from /proc, so that a recycled
+/// pid is not mistaken for us), or `PID-0` where /proc is missing.
+fn process_identity() -> String {
+    let pid = std::process::id();
+    format!("{pid}-{}", process_start_time(pid).unwrap_or(0))
+}
+
+/// Field 22 of /proc/PID/stat (after the parenthesised command name, which may hold spaces).
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Removes the staging dirs next to --out whose run was killed (the process named in the dir
+/// name is gone), so that a rerun leaves nothing behind. Only where /proc exists: elsewhere a
+/// dead run cannot be told from a live one, and a live run's work is never touched. Best
+/// effort: a dir that cannot be removed stays, and the new run goes on.
+fn remove_dead_staging(out_parent: &Path) {
+    if process_start_time(std::process::id()).is_none() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(out_parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else { continue };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        // `<staging>.old` is the user's previous output that a --force run had moved aside when
+        // it was killed between its two renames: theirs to delete, never ours.
+        if rest.ends_with(".old") {
+            continue;
+        }
+        let mut parts = rest.splitn(3, '-');
+        let (Some(Ok(pid)), Some(Ok(start))) = (parts.next().map(str::parse::<u32>), parts.next().map(str::parse::<u64>)) else {
+            continue;
+        };
+        if start != 0 && process_start_time(pid) != Some(start) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Replaces `out` with the finished staging directory in as few steps as the OS allows. On
+/// failure nothing is left behind: the staging dir is removed and a previous output restored.
 fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
     let staged = staging.keep();
+    let result = publish_staged(&staged, out);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    result
+}
+
+fn publish_staged(staged: &Path, out: &Path) -> Result<()> {
     let mut old = None;
     if out.exists() {
         let is_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_none();
@@ -849,7 +899,12 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
             old = Some(aside);
         }
     }
-    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    if let Err(e) = std::fs::rename(staged, out) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, out);
+        }
+        return Err(Error::io(out, e));
+    }
     if let Some(old) = old {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }

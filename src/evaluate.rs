@@ -311,16 +311,6 @@ fn prompt_tokens(model: &Model, prompt: &str) -> Vec<Token> {
     tokens
 }
 
-fn argmax(logits: &[f32]) -> Token {
-    // Ties go to the lower id, so that results do not depend on the scan order.
-    let best = logits
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-        .map(|(i, _)| i)
-        .unwrap_or(0);
-    Token(best as i32)
-}
 
 /// Greedy continuations of `prompts` (one sequence id each, all in one KV cache), each ending at
 /// end of generation, at a newline or after `max_tokens`. Returns the texts and the number of
@@ -392,7 +382,7 @@ fn decode_and_pick(
 ) -> Result<()> {
     session.decode(batch)?;
     for (seq, index) in waiting.drain(..) {
-        next[seq] = Some(argmax(session.logits_ith(index)));
+        next[seq] = Some(crate::llama::greedy_token(session.logits_ith(index)));
     }
     batch.clear();
     Ok(())

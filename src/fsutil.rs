@@ -56,3 +56,26 @@ pub fn write_atomic<T>(path: &Path, inputs: &[&Path], write: impl FnOnce(&mut Fi
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(value)
 }
+
+/// Reads a whole file that is parsed in memory, refusing one larger than `cap` bytes before
+/// allocating for it (and if it grows past `cap` while being read). `field` names the kind of
+/// file in the error, e.g. "adapter_config.json size".
+pub fn read_capped(path: &Path, cap: u64, field: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let too_big = |n: u64| Error::Format {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        reason: format!("{n} bytes exceeds the limit of {cap} bytes"),
+    };
+    if len > cap {
+        return Err(too_big(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > cap {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}

@@ -37,14 +37,7 @@ pub fn greedy(model: &Model, session: &mut Session<'_>, prompt: &str, max_tokens
     let mut out = Vec::new();
     let mut pos = tokens.len() as i32;
     for _ in 0..max_tokens {
-        let logits = session.logits_ith(last);
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-            .map(|(i, _)| i as i32)
-            .expect("non-empty vocabulary");
-        let token = crate::llama::Token(next);
+        let token = crate::llama::greedy_token(session.logits_ith(last));
         if model.is_eog(token) {
             break;
         }

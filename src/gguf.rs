@@ -40,6 +40,10 @@ pub const MAX_TENSOR_COUNT: u64 = 1 << 20;
 pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
 /// ggml only accepts power-of-two alignments; anything above a page is nonsense.
 pub const MAX_ALIGNMENT: u64 = 1 << 16;
+/// Every array element becomes one in-memory `Value` (tens of bytes), whatever its size on
+/// disk: a file of one-byte elements would make us allocate ~40x its size. Metadata of real
+/// models (vocabularies, merges, scores) holds a few million elements in total.
+pub const MAX_METADATA_ELEMENTS: u64 = 16 * 1024 * 1024;
 
 /// Value types of GGUF key/value pairs (`gguf_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +226,23 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     pub alignment: u64,
     pub data_offset: u64,
-    map: Mmap,
+    bytes: Bytes,
+}
+
+/// The bytes behind a [`GgufFile`]: a file mapping, or a buffer handed in by the caller.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 impl fmt::Debug for GgufFile {
@@ -240,6 +260,8 @@ struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Array elements read so far, against [`MAX_METADATA_ELEMENTS`].
+    metadata_elements: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -325,6 +347,13 @@ impl<'a> Cursor<'a> {
                 if n.saturating_mul(min_elem) > self.remaining() {
                     return Err(self.err(field, format!("array length {n} does not fit in the rest of the file")));
                 }
+                self.metadata_elements = self.metadata_elements.saturating_add(n);
+                if self.metadata_elements > MAX_METADATA_ELEMENTS {
+                    return Err(self.err(
+                        field,
+                        format!("arrays hold more than {MAX_METADATA_ELEMENTS} elements in total"),
+                    ));
+                }
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     items.push(self.value(elem_ty, field, depth + 1)?);
@@ -358,11 +387,17 @@ impl GgufFile {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let map = ffi::map_file(&file).map_err(|e| Error::io(path, e))?;
-        Self::parse(path, map)
+        Self::parse(path, Bytes::Mapped(map))
     }
 
-    fn parse(path: &Path, map: Mmap) -> Result<Self> {
-        let mut c = Cursor { bytes: &map, pos: 0, path };
+    /// Parses a GGUF image already in memory, with exactly the checks [`GgufFile::open`] makes;
+    /// `path` only names the source in errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path.as_ref(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Bytes) -> Result<Self> {
+        let mut c = Cursor { bytes: &map, pos: 0, path, metadata_elements: 0 };
         let magic = c
             .take(4, "magic")
             .map_err(|_| c.err("magic", "not a GGUF file (shorter than its 4-byte magic)"))?;
@@ -383,9 +418,11 @@ impl GgufFile {
         }
 
         let mut metadata: Vec<(String, Value)> = Vec::with_capacity(n_kv.min(1024) as usize);
+        // A set, not a scan of `metadata`: 65536 keys compared pairwise is a denial of service.
+        let mut keys_seen = std::collections::HashSet::new();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"), MAX_KEY_LEN)?;
-            if metadata.iter().any(|(k, _)| *k == key) {
+            if !keys_seen.insert(key.clone()) {
                 return Err(c.err(key, "duplicate metadata key"));
             }
             let raw_ty = c.u32(&key)?;
@@ -484,7 +521,7 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, alignment, data_offset, map })
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, alignment, data_offset, bytes: map })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -502,11 +539,11 @@ impl GgufFile {
     /// The raw bytes of a tensor (bounds were checked at open).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
-        &self.map[start..start + t.n_bytes as usize]
+        &self.bytes[start..start + t.n_bytes as usize]
     }
 
     pub fn file_len(&self) -> u64 {
-        self.map.len() as u64
+        self.bytes.len() as u64
     }
 }
 

@@ -249,5 +249,17 @@ impl<'m> Session<'m> {
     }
 }
 
+/// The most likely next token; a tie goes to the lower id, so that the choice does not depend on
+/// how the scan is ordered.
+pub fn greedy_token(logits: &[f32]) -> Token {
+    let best = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    Token(best as i32)
+}
+
 pub use llama_cpp_2::llama_batch::LlamaBatch as Batch;
 pub use llama_cpp_2::token::LlamaToken as Token;

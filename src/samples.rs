@@ -10,6 +10,13 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+/// A task is described by a few examples that are scored in one context window; 64 MiB of
+/// JSONL is thousands of long examples, far past any use, and read whole into memory.
+pub const MAX_SAMPLES_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// One example must fit a context window once tokenised: 1 MiB of text is ~250k tokens, more
+/// than any model llama.cpp runs can attend to.
+pub const MAX_SAMPLE_LINE_BYTES: usize = 1024 * 1024;
+
 /// One example: the completion is what the scorer measures, given the prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {
@@ -45,8 +52,14 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
 /// `completion` (other keys are ignored); blank lines are skipped. The completion must not be
 /// empty, the prompt may be. A file without any sample is refused: it would score as nothing.
 pub fn read_sample_file(path: &Path) -> Result<SampleFile> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let file = parse_samples(path, &bytes)?;
+    let bytes = crate::fsutil::read_capped(path, MAX_SAMPLES_FILE_BYTES, "file size")?;
+    sample_file_from_bytes(path, &bytes)
+}
+
+/// [`read_sample_file`] for file contents already in memory (same checks); `path` only names
+/// the source in errors.
+pub fn sample_file_from_bytes(path: &Path, bytes: &[u8]) -> Result<SampleFile> {
+    let file = parse_samples(path, bytes)?;
     if file.samples.is_empty() {
         return Err(Error::invalid(path, "samples", "the file holds no samples (one JSON object per line expected)"));
     }
@@ -56,11 +69,25 @@ pub fn read_sample_file(path: &Path) -> Result<SampleFile> {
 /// Parses JSONL sample text; `path` only names the source in errors. An empty input gives an
 /// empty set.
 pub fn parse_samples(path: &Path, bytes: &[u8]) -> Result<SampleFile> {
+    if bytes.len() as u64 > MAX_SAMPLES_FILE_BYTES {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            field: "file size".into(),
+            reason: format!("{} bytes exceeds the limit of {MAX_SAMPLES_FILE_BYTES} bytes", bytes.len()),
+        });
+    }
     let mut samples = Vec::new();
     let mut lines = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
         let field = |name: &str| format!("line {line_no}: {name}");
+        if raw.len() > MAX_SAMPLE_LINE_BYTES {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                field: format!("line {line_no}"),
+                reason: format!("{} bytes exceeds the limit of {MAX_SAMPLE_LINE_BYTES} bytes per line", raw.len()),
+            });
+        }
         let text = std::str::from_utf8(raw).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             field: format!("line {line_no}"),

@@ -129,3 +129,30 @@ impl Drop for LlamaServer {
         let _ = self.child.wait();
     }
 }
+
+/// A small synthetic task set (`DIR/adapters/*.gguf`, `DIR/samples/*.jsonl`) made once per
+/// test binary and seed: `groups` x `per_group` tasks of 6 examples, rank-8 f16 adapters.
+pub fn small_task_set(groups: usize, per_group: usize, seed: u64) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static SETS: Mutex<Option<HashMap<(usize, usize, u64), PathBuf>>> = Mutex::new(None);
+    let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
+    let sets = sets.get_or_insert_with(HashMap::new);
+    sets.entry((groups, per_group, seed))
+        .or_insert_with(|| {
+            let dir = tempdir().keep();
+            let opts = d2c_gguf::generate::SynthTaskOptions {
+                groups,
+                tasks_per_group: per_group,
+                examples: 6,
+                completion_tokens: 5,
+                prototype_std: 0.05,
+                noise: 0.2,
+                seed,
+                ..Default::default()
+            };
+            d2c_gguf::generate::synth_tasks(&base_model(), &dir, &opts).expect("synthetic tasks");
+            dir
+        })
+        .clone()
+}

@@ -1,0 +1,8 @@
+//! Bytes -> LoraAdapter through the same parser `LoraAdapter::read` uses for files.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = d2c_gguf::adapter::LoraAdapter::from_bytes("fuzz.gguf", data.to_vec());
+});
