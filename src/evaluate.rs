@@ -128,7 +128,7 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
 
     let prompts_of: BTreeMap<&str, Vec<Vec<Token>>> = tests
         .iter()
-        .map(|(task, samples)| (task.as_str(), samples.iter().map(|s| prompt_tokens(&model, &s.prompt)).collect()))
+        .map(|(task, samples)| (task.as_str(), samples.iter().map(|s| model.tokenize_sequence(&s.prompt)).collect()))
         .collect();
     let longest = prompts_of.values().flatten().map(|p| p.len()).max().unwrap_or(1);
     let per_seq = longest + opts.max_tokens;
@@ -301,16 +301,6 @@ fn adapter_files(
     }
     Ok(out)
 }
-
-fn prompt_tokens(model: &Model, prompt: &str) -> Vec<Token> {
-    let mut tokens = Vec::new();
-    if model.adds_bos() {
-        tokens.push(model.bos());
-    }
-    tokens.extend(model.tokenize(prompt, true));
-    tokens
-}
-
 
 /// Greedy continuations of `prompts` (one sequence id each, all in one KV cache), each ending at
 /// end of generation, at a newline or after `max_tokens`. Returns the texts and the number of

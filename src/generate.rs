@@ -19,11 +19,7 @@ use crate::synth;
 /// Greedy continuation of `prompt` (at most `max_tokens`, stopping at end-of-generation), with
 /// whatever adapter the session has active. Returns the generated text.
 pub fn greedy(model: &Model, session: &mut Session<'_>, prompt: &str, max_tokens: usize) -> Result<String> {
-    let mut tokens = Vec::new();
-    if model.adds_bos() {
-        tokens.push(model.bos());
-    }
-    tokens.extend(model.tokenize(prompt, true));
+    let tokens = model.tokenize_sequence(prompt);
     if tokens.len() + max_tokens > session.n_ctx() as usize || tokens.len() > session.n_batch as usize {
         return Err(Error::Usage(format!("prompt of {} tokens does not fit the context", tokens.len())));
     }

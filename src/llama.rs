@@ -80,6 +80,17 @@ impl Model {
         self.inner.vocab().tokenize(text.as_bytes(), false, parse_special)
     }
 
+    /// A sequence as it is fed to the model: BOS first if the tokenizer wants one, then `text`
+    /// with special tokens parsed (how the scorer, generation and eval all tokenise prompts).
+    pub fn tokenize_sequence(&self, text: &str) -> Vec<LlamaToken> {
+        let mut tokens = Vec::new();
+        if self.adds_bos() {
+            tokens.push(self.bos());
+        }
+        tokens.extend(self.tokenize(text, true));
+        tokens
+    }
+
     pub fn is_eog(&self, t: LlamaToken) -> bool {
         self.inner.vocab().is_eog(t)
     }

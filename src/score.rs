@@ -167,16 +167,8 @@ impl Scorer {
     /// Tokenises a sample as described in the module documentation. The error is a reason
     /// without a location (the caller knows the file and line).
     pub fn tokenize_sample(&self, sample: &Sample) -> std::result::Result<SampleTokens, String> {
-        let with_bos = |text: &str| {
-            let mut t = Vec::new();
-            if self.model.adds_bos() {
-                t.push(self.model.bos());
-            }
-            t.extend(self.model.tokenize(text, true));
-            t
-        };
-        let prompt = with_bos(&sample.prompt);
-        let full = with_bos(&format!("{}{}", sample.prompt, sample.completion));
+        let prompt = self.model.tokenize_sequence(&sample.prompt);
+        let full = self.model.tokenize_sequence(&format!("{}{}", sample.prompt, sample.completion));
         let common = prompt.iter().zip(&full).take_while(|(a, b)| a == b).count();
         // Without a BOS token the first token of a sequence has no logits predicting it.
         let first_scored = common.max(1);
