@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "d2c-gguf"
 SWEEP = QUALITY / "sweep"
 RESULTS = SWEEP / "results.jsonl"
+# Own-adapter accuracy from which a task's normalised score is also reported on its own.
+SOLID_CEILING = 0.5
 
 
 def sh(args: list[str]) -> str:
@@ -124,18 +126,38 @@ def run(args: argparse.Namespace) -> None:
                     configs.append(("single", 1, 0))
             elif strategy == "random":
                 configs += [("random", k, s) for s in range(args.random_seeds)]
+            elif strategy == "d2c-rinit":
+                configs += [("d2c-rinit", k, s) for s in range(args.random_seeds)] if k > 1 else []
             elif k > 1 or strategy == "kmeans":
                 configs.append((strategy, k, 0))
     settings_id = hashlib.blake2s(json.dumps(merge_settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+    # Byte-budget mode: D2C given the bytes that D2C at K used at full rank, free to spend them
+    # on K (or 2K, ...) clusters with per-cluster ranks ("d2c-bytes", k = number of clusters).
+    if args.byte_budget:
+        for k in parse_ks(args.ks, n):
+            for clusters in (int(m) * k for m in args.byte_budget.split(",")):
+                if clusters < n:
+                    configs.append(("d2c-bytes", clusters, k))
     for strategy, k, seed in configs:
-        key = f"{set_name}/{strategy}/k{k}/s{seed}/{settings_id}"
+        # For d2c-bytes `seed` names the count-mode K whose bytes are the budget.
+        key = f"{set_name}/{strategy}/k{k}/{'of' if strategy == 'd2c-bytes' else 's'}{seed}/{settings_id}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = SWEEP / "merged" / key.replace("/", "-")
+            extra: list = []
+            if strategy == "d2c-bytes":
+                ref = done.get(f"{set_name}/d2c/k{seed}/s0/{settings_id}")
+                if ref is None:
+                    sys.exit(f"sweep: d2c-bytes at K={k} needs the d2c result at K={seed} first (put d2c in --strategies)")
+                extra = ["--budget-bytes", ref["storage"]["bytes"]]
+            if strategy == "d2c-rinit":
+                # D2C started from a seeded random partition instead of weight-space k-medoids.
+                extra = ["--init", "random"]
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", root / "samples",
-                "--budget", k, "--strategy", strategy, "--seed", seed, "--rounds", args.rounds,
-                "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales,
+                "--budget", k, "--strategy", "d2c" if strategy in ("d2c-bytes", "d2c-rinit") else strategy,
+                "--seed", 0 if strategy == "d2c-bytes" else seed, "--rounds", args.rounds,
+                "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, *extra,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
             merge_seconds = time.time() - t
             manifest = json.loads((out / "manifest.json").read_text())
@@ -153,6 +175,7 @@ def run(args: argparse.Namespace) -> None:
                 "objective": manifest["objective"],
                 "rounds": [{"objective": r["objective"], "scored_sequences": r["scored_sequences"]} for r in manifest["rounds"]],
                 "clusters": [a["tasks"] for a in manifest["adapters"]],
+                "ranks": [a.get("rank") for a in manifest["adapters"]],
                 "scoring": manifest["scoring"],
                 "eval": ev,
             }
@@ -161,14 +184,15 @@ def run(args: argparse.Namespace) -> None:
     log(f"sweep: {len(done)} results in {RESULTS}")
 
 
-def normalised(ev: dict, own: dict) -> tuple[float, int]:
+def normalised(ev: dict, own: dict, min_ceiling: float = 0.0) -> tuple[float, int]:
     """Mean over tasks of accuracy / own-adapter accuracy; tasks the own adapter never gets
-    right carry no information and are left out (their count is returned)."""
+    right carry no information and are left out (their count is returned), as are tasks whose
+    own accuracy is below `min_ceiling` (a ratio over 3/40 right mostly measures noise)."""
     ratios = []
     skipped = 0
     for task, r in ev["tasks"].items():
         ceiling = own["tasks"][task]["accuracy"]
-        if ceiling <= 0:
+        if ceiling <= 0 or ceiling < min_ceiling:
             skipped += 1
             continue
         ratios.append(r["accuracy"] / ceiling)
@@ -190,12 +214,17 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         if r["strategy"] in ("own", "base"):
             continue
-        groups.setdefault((r["strategy"], r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3}
+        label = r["strategy"]
+        if label == "d2c-bytes":
+            m = r["k"] // r["seed"]
+            label = f"d2c-bytes ({'' if m == 1 else m}K)"
+        groups.setdefault((label, r["k"]), []).append(r)
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-rinit": 4, "d2c-bytes (K)": 5, "d2c-bytes (2K)": 6}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
         scores = [normalised(r["eval"], own["eval"])[0] for r in rs]
+        solid = [normalised(r["eval"], own["eval"], SOLID_CEILING)[0] for r in rs]
         acc = [r["eval"]["mean_accuracy"] for r in rs]
         frac = sum(r["storage"]["byte_fraction"] for r in rs) / len(rs)
         mean = sum(scores) / len(scores)
@@ -203,19 +232,21 @@ def report(args: argparse.Namespace) -> None:
         minutes = sum(r["merge_seconds"] for r in rs) / len(rs) / 60
         lines.append(
             f"| {strategy}{f' ({len(rs)} seeds)' if len(rs) > 1 else ''} | {k} | {frac:.3f} | "
-            f"{mean:.3f}{spread} | {sum(acc) / len(acc):.3f} | {minutes:.1f} |"
+            f"{mean:.3f}{spread} | {sum(solid) / len(solid):.3f} | {sum(acc) / len(acc):.3f} | {minutes:.1f} |"
         )
         points.setdefault(strategy, []).append((frac, mean))
     own_acc = own["eval"]["mean_accuracy"]
     base_norm = normalised(base["eval"], own["eval"])[0] if base else float("nan")
+    base_solid = normalised(base["eval"], own["eval"], SOLID_CEILING)[0] if base else float("nan")
+    n_solid = sum(1 for t in own["eval"]["tasks"].values() if t["accuracy"] >= SOLID_CEILING)
     _, skipped = normalised(own["eval"], own["eval"])
     table = "\n".join(
         [
-            "| strategy | K | storage (fraction of the N adapters' bytes) | mean normalised score | mean accuracy | merge time (min) |",
-            "|---|---|---|---|---|---|",
-            f"| own adapters | {n} | 1.000 | 1.000 | {own_acc:.3f} | - |",
+            f"| strategy | K | storage (fraction of the N adapters' bytes) | mean normalised score | normalised, tasks with own >= {SOLID_CEILING} ({n_solid}) | mean accuracy | merge time (min) |",
+            "|---|---|---|---|---|---|---|",
+            f"| own adapters | {n} | 1.000 | 1.000 | 1.000 | {own_acc:.3f} | - |",
             *lines,
-            f"| base model | 0 | 0.000 | {base_norm:.3f} | {base['eval']['mean_accuracy'] if base else float('nan'):.3f} | - |",
+            f"| base model | 0 | 0.000 | {base_norm:.3f} | {base_solid:.3f} | {base['eval']['mean_accuracy'] if base else float('nan'):.3f} | - |",
         ]
     )
     per_task = "\n".join(
@@ -239,7 +270,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o"}
+    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v"}
     for strategy, pts in sorted(points.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy, "."), label=strategy)
@@ -261,7 +292,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-rinit: d2c from a random partition, over --random-seeds")
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--tune-methods", default="svd,ties,dare")
@@ -269,6 +300,7 @@ def main() -> None:
     r.add_argument("--max-tokens", type=int, default=12)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--families", help="only the tasks of these families (comma-separated)")
+    r.add_argument("--byte-budget", metavar="MULTIPLIERS", help="also d2c with --budget-bytes set to the bytes of d2c at each K, with K times each multiplier clusters (e.g. 1,2)")
     rep = sub.add_parser("report")
     rep.add_argument("--families")
     rep.add_argument("--out-dir", default=str(ROOT / "docs"))
