@@ -254,11 +254,29 @@ def report(args: argparse.Namespace) -> None:
         f"{base['eval']['tasks'][t]['accuracy'] if base else float('nan'):.2f} |"
         for t in sorted(own["eval"]["tasks"])
     )
+    # Mean accuracy per family: where merging hurts, and which grouping hurts it.
+    fams = sorted({families[t]["family"] for t in own["eval"]["tasks"]})
+
+    def by_family(ev: dict) -> str:
+        cells = []
+        for f in fams:
+            accs = [v["accuracy"] for t, v in ev["tasks"].items() if families[t]["family"] == f]
+            cells.append(f"{sum(accs) / len(accs):.2f}")
+        return " | ".join(cells)
+
+    family_rows = [f"| own adapters | {n} | {by_family(own['eval'])} |"]
+    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            seed = f" (seed {r['seed']})" if len(rs) > 1 else ""
+            family_rows.append(f"| {strategy}{seed} | {k} | {by_family(r['eval'])} |")
+    if base:
+        family_rows.append(f"| base model | 0 | {by_family(base['eval'])} |")
+    family_table = "\n".join([f"| strategy | K | {' | '.join(fams)} |", "|---|---|" + "---|" * len(fams), *family_rows])
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "" if set_name == "all" else f"-{set_name.replace('+', '-')}"
     plot(points, own_acc, base_norm, out_dir / f"quality-vs-storage{stem}.png", f"{n} tasks ({set_name})")
-    write_atomic(out_dir / f"results-table{stem}.md", f"{table}\n\n{skipped} task(s) left out of the normalised score (own adapter accuracy 0).\n\n| task | family | own accuracy | base accuracy |\n|---|---|---|---|\n{per_task}\n")
+    write_atomic(out_dir / f"results-table{stem}.md", f"{table}\n\n{skipped} task(s) left out of the normalised score (own adapter accuracy 0).\n\nMean accuracy per family:\n\n{family_table}\n\n| task | family | own accuracy | base accuracy |\n|---|---|---|---|\n{per_task}\n")
     log(f"wrote {out_dir}/results-table{stem}.md and {out_dir}/quality-vs-storage{stem}.png")
     print(table)
 
@@ -281,7 +299,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     ax.set_ylabel("mean normalised score (accuracy / own)")
     ax.set_xscale("log")
     ax.set_title(f"SmolLM2-135M, {what}, held-out exact match", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.94), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The quality benchmark's evaluation (issue 8, part 2) as run for docs/results.md: merges the 36
+# task adapters built by scripts/quality-build.sh with every strategy, judges each result on the
+# held-out tests with `d2c-gguf eval`, then writes docs/results-table.md and
+# docs/quality-vs-storage.png.
+#
+#   scripts/quality-sweep.sh            the runs behind docs/results.md (about 2.5 h on 2 cores)
+#   scripts/quality-sweep.sh --full     also K = 8 and N/2, and 3 random seeds at every K (many hours)
+#
+# Resumable: every result is appended to $D2C_CACHE/quality/sweep/results.jsonl as it completes and
+# skipped when present; scores are shared through one --cache. Run heavy jobs one at a time: llama.cpp
+# slows down 5-10x when anything else competes for the two cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+CACHE="${D2C_CACHE:-$HOME/.cache/d2c-gguf}"
+export D2C_CACHE="$CACHE" PYTHONUNBUFFERED=1
+PY="${D2C_QUALITY_VENV:-$CACHE/bench-venv}/bin/python"
+
+[ -s "$CACHE/quality/adapters/unit-m-cm.gguf" ] || scripts/quality-build.sh
+cargo build -q --release --bin d2c-gguf
+
+# Merge settings shared by every run (they are part of each result's key): 4 reassignment rounds
+# at most, and per cluster the best of svd/ties at 1x or 1.5x the average, chosen on the examples.
+SETTINGS=(--rounds 4 --tune-methods svd,ties --tune-scales 1,1.5)
+cd scripts/quality
+sweep() { "$PY" sweep.py run "$@" "${SETTINGS[@]}"; }
+
+sweep --ks n/4 --strategies d2c,kmeans,random --random-seeds 3   # K = N/4 = 9: the target budget
+sweep --ks 1 --strategies single                                 # one adapter for everything
+sweep --ks n/4 --strategies d2c --byte-budget 1                  # byte budget at d2c's bytes
+sweep --ks 4 --strategies d2c,kmeans,random --random-seeds 1
+sweep --ks n/4 --strategies d2c-rinit --random-seeds 1           # d2c from a random partition
+sweep --ks 2 --strategies d2c,kmeans,random --random-seeds 1
+if [ "${1:-}" = --full ]; then
+  sweep --ks 1,2,4,8,n/4,n/2 --strategies single,d2c,kmeans,random,d2c-rinit --random-seeds 3 --byte-budget 1,2
+fi
+"$PY" sweep.py report --out-dir "$ROOT/docs"
