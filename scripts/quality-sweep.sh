@@ -4,7 +4,7 @@
 # held-out tests with `d2c-gguf eval`, then writes docs/results-table.md and
 # docs/quality-vs-storage.png.
 #
-#   scripts/quality-sweep.sh            the runs behind docs/results.md (about 2.5 h on 2 cores)
+#   scripts/quality-sweep.sh            the runs behind docs/results.md and K = 2 (about 3.5 h on 2 cores)
 #   scripts/quality-sweep.sh --full     also K = 8 and N/2, and 3 random seeds at every K (many hours)
 #
 # Resumable: every result is appended to $D2C_CACHE/quality/sweep/results.jsonl as it completes and
@@ -29,7 +29,7 @@ sweep() { "$PY" sweep.py run "$@" "${SETTINGS[@]}"; }
 sweep --ks n/4 --strategies d2c,kmeans,random --random-seeds 3   # K = N/4 = 9: the target budget
 sweep --ks 1 --strategies single                                 # one adapter for everything
 sweep --ks n/4 --strategies d2c --byte-budget 1                  # byte budget at d2c's bytes
-sweep --ks 4 --strategies d2c,kmeans,random --random-seeds 1
+sweep --ks 4 --strategies d2c,kmeans,random --random-seeds 3
 sweep --ks n/4 --strategies d2c-rinit --random-seeds 1           # d2c from a random partition
 sweep --ks 2 --strategies d2c,kmeans,random --random-seeds 1
 if [ "${1:-}" = --full ]; then
