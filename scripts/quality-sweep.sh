@@ -4,8 +4,8 @@
 # held-out tests with `d2c-gguf eval`, then writes docs/results-table.md and
 # docs/quality-vs-storage.png.
 #
-#   scripts/quality-sweep.sh            the runs behind docs/results.md and K = 2 (about 3.5 h on 2 cores)
-#   scripts/quality-sweep.sh --full     also K = 8 and N/2, and 3 random seeds at every K (many hours)
+#   scripts/quality-sweep.sh            the runs behind docs/results.md (about 6 h on 2 cores)
+#   scripts/quality-sweep.sh --full     also 3 random seeds and d2c-rinit at every K, 2K-cluster byte budgets (many hours)
 #
 # Resumable: every result is appended to $D2C_CACHE/quality/sweep/results.jsonl as it completes and
 # skipped when present; scores are shared through one --cache. Run heavy jobs one at a time: llama.cpp
@@ -32,7 +32,11 @@ sweep --ks n/4 --strategies d2c --byte-budget 1                  # byte budget a
 sweep --ks 4 --strategies d2c,kmeans,random --random-seeds 3
 sweep --ks n/4 --strategies d2c-rinit --random-seeds 1           # d2c from a random partition
 sweep --ks 2 --strategies d2c,kmeans,random --random-seeds 1
+sweep --ks n/2 --strategies d2c,kmeans,random --random-seeds 1   # K = N/2 = 18
+sweep --ks 8 --strategies d2c,kmeans,random --random-seeds 1
 if [ "${1:-}" = --full ]; then
   sweep --ks 1,2,4,8,n/4,n/2 --strategies single,d2c,kmeans,random,d2c-rinit --random-seeds 3 --byte-budget 1,2
 fi
 "$PY" sweep.py report --out-dir "$ROOT/docs"
+# Does the example objective rank partitions as the tests do? (greedy exact match on the examples, ~1 min each)
+"$PY" sweep.py check-objective --out-dir "$ROOT/docs"

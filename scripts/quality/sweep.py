@@ -4,6 +4,7 @@ through llama.cpp (`d2c-gguf eval`), and write the table and plot of docs/result
 
     python sweep.py run [--ks 1,2,4,8,n/4,n/2] [--strategies single,random,kmeans,d2c] ...
     python sweep.py report [--out-dir ../../docs]
+    python sweep.py check-objective [--out-dir ../../docs]
 
 Every configuration's result is appended to $D2C_CACHE/quality/sweep/results.jsonl as soon as
 it exists, keyed by its settings, so an interrupted sweep resumes where it stopped and a
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "d2c-gguf"
 SWEEP = QUALITY / "sweep"
 RESULTS = SWEEP / "results.jsonl"
+# Greedy exact match of each result on the clustering examples (not the tests), for check-objective.
+EXAMPLES = SWEEP / "examples.jsonl"
 # Own-adapter accuracy from which a task's normalised score is also reported on its own.
 SOLID_CEILING = 0.5
 
@@ -61,6 +64,15 @@ def task_set(families: str | None) -> tuple[str, list[str], Path]:
             link = d / f"{t}.{ext}"
             if not link.is_symlink():
                 link.symlink_to(src / f"{t}.{ext}")
+    # The same examples with the newline that ends every answer (the adapters were trained to
+    # emit it and `eval` stops on it): scoring it makes the merge see answers that run on.
+    nl = root / "samples-nl"
+    nl.mkdir(exist_ok=True)
+    for t in tasks:
+        dest = nl / f"{t}.jsonl"
+        if not dest.is_file():
+            rows = read_jsonl(TASKS / "samples" / f"{t}.jsonl")
+            write_atomic(dest, "".join(json.dumps({**r, "completion": r["completion"] + "\n"}) + "\n" for r in rows))
     return name, tasks, root
 
 
@@ -153,9 +165,10 @@ def run(args: argparse.Namespace) -> None:
             if strategy == "d2c-rinit":
                 # D2C started from a seeded random partition instead of weight-space k-medoids.
                 extra = ["--init", "random"]
+            samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
-            sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", root / "samples",
-                "--budget", k, "--strategy", "d2c" if strategy in ("d2c-bytes", "d2c-rinit") else strategy,
+            sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
+                "--budget", k, "--strategy", "d2c" if strategy in ("d2c-bytes", "d2c-rinit", "d2c-nl") else strategy,
                 "--seed", 0 if strategy == "d2c-bytes" else seed, "--rounds", args.rounds,
                 "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, *extra,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
@@ -219,7 +232,7 @@ def report(args: argparse.Namespace) -> None:
             m = r["k"] // r["seed"]
             label = f"d2c-bytes ({'' if m == 1 else m}K)"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-rinit": 4, "d2c-bytes (K)": 5, "d2c-bytes (2K)": 6}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -281,6 +294,58 @@ def report(args: argparse.Namespace) -> None:
     print(table)
 
 
+def check_objective(args: argparse.Namespace) -> None:
+    """Does the merge's example objective rank partitions as the held-out tests do? For every
+    merged result at one K, compare the objective the merge minimised (mean normalised NLL regret
+    on the 10 examples per task) and greedy exact match on those same examples with the test
+    score, by Spearman rank correlation over the results at that K. Exact match on the
+    examples is computed here (`d2c-gguf eval` on the samples) and cached in examples.jsonl."""
+    import numpy as np
+
+    set_name, _, root = task_set(args.families)
+    rows = [r for r in load_results().values() if r.get("set") == set_name]
+    own = next((r for r in rows if r["strategy"] == "own"), None)
+    if own is None:
+        sys.exit(f"sweep: no own-adapter result in {RESULTS}; run `sweep.py run` first")
+    on_examples = {r["key"]: r for r in read_jsonl(EXAMPLES)} if EXAMPLES.is_file() else {}
+
+    def examples_eval(key: str, extra: list) -> dict:
+        if key not in on_examples:
+            row = {"key": key, "eval": evaluate(root / "samples", [*extra, "--max-tokens", str(own_max_tokens)], args.threads)}
+            with open(EXAMPLES, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+            on_examples[key] = row
+        return on_examples[key]["eval"]
+
+    own_max_tokens = own["key"].rsplit("/", 1)[1]
+    own_examples = examples_eval(own["key"], ["--adapters", root / "adapters"])
+    ks = {int(k) for k in args.ks.split(",")} if args.ks else None
+    # d2c-nl's objective is measured on other examples (with the newline), so it is not compared.
+    merged = [r for r in rows if r["strategy"] not in ("own", "base", "single", "d2c-nl") and (ks is None or r["k"] in ks) and (SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json").is_file()]
+    points = []
+    for r in sorted(merged, key=lambda r: (r["k"], r["key"])):
+        ev = examples_eval(r["key"], ["--manifest", SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json"])
+        label = r["strategy"] if r["strategy"] not in ("random", "d2c-rinit") else f"{r['strategy']} s{r['seed']}"
+        points.append((r["k"], label, r["objective"]["best"], normalised(ev, own_examples)[0], normalised(r["eval"], own["eval"])[0]))
+
+    def spearman(x: list[float], y: list[float]) -> float:
+        rank = lambda v: np.argsort(np.argsort(v)).astype(float)
+        return float(np.corrcoef(rank(np.array(x)), rank(np.array(y)))[0, 1])
+
+    lines = ["| K | result | example objective (NLL regret, lower is better) | normalised exact match on the examples | normalised exact match on the tests |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {label} | {obj:.3f} | {ex:.3f} | {test:.3f} |" for k, label, obj, ex, test in points]
+    corr = ["", "| K | results | Spearman(-objective, test) | Spearman(examples exact match, test) |", "|---|---|---|---|"]
+    for k in sorted({p[0] for p in points}):
+        at = [p for p in points if p[0] == k]
+        if len(at) >= 3:
+            tests = [p[4] for p in at]
+            corr.append(f"| {k} | {len(at)} | {spearman([-p[2] for p in at], tests):.2f} | {spearman([p[3] for p in at], tests):.2f} |")
+    text = "\n".join(lines + corr) + "\n"
+    stem = "" if set_name == "all" else f"-{set_name.replace('+', '-')}"
+    write_atomic(Path(args.out_dir) / f"objective-check{stem}.md", text)
+    print(text)
+
+
 def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm: float, path: Path, what: str) -> None:
     import matplotlib
 
@@ -288,7 +353,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v"}
+    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v"}
     for strategy, pts in sorted(points.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy, "."), label=strategy)
@@ -310,7 +375,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-rinit: d2c from a random partition, over --random-seeds")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--tune-methods", default="svd,ties,dare")
@@ -322,8 +387,13 @@ def main() -> None:
     rep = sub.add_parser("report")
     rep.add_argument("--families")
     rep.add_argument("--out-dir", default=str(ROOT / "docs"))
+    chk = sub.add_parser("check-objective", help="rank agreement of the example objective and example exact match with the test score")
+    chk.add_argument("--families")
+    chk.add_argument("--ks", help="only the results at these K (comma-separated numbers)")
+    chk.add_argument("--threads", type=int, default=2)
+    chk.add_argument("--out-dir", default=str(ROOT / "docs"))
     args = p.parse_args()
-    {"run": run, "report": report}[args.cmd](args)
+    {"run": run, "report": report, "check-objective": check_objective}[args.cmd](args)
 
 
 if __name__ == "__main__":
