@@ -351,6 +351,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v"}
@@ -363,6 +364,13 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     ax.set_xlabel("storage: fraction of the task adapters' bytes")
     ax.set_ylabel("mean normalised score (accuracy / own)")
     ax.set_xscale("log")
+    # Ticks at the measured storage fractions; log-axis minor labels would overlap them.
+    fracs: list[float] = []
+    for x in sorted({round(x, 3) for pts in points.values() for x, _ in pts}):
+        if not fracs or x / fracs[-1] > 1.3:
+            fracs.append(x)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(fracs, [f"{x:g}" for x in fracs], fontsize=8)
     ax.set_title(f"SmolLM2-135M, {what}, held-out exact match", fontsize=9)
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.94), fontsize=8)
     ax.grid(alpha=0.3)
