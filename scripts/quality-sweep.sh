@@ -34,9 +34,10 @@ sweep --ks n/4 --strategies d2c-rinit --random-seeds 1           # d2c from a ra
 sweep --ks 2 --strategies d2c,kmeans,random --random-seeds 1
 sweep --ks n/2 --strategies d2c,kmeans,random --random-seeds 1   # K = N/2 = 18
 sweep --ks 8 --strategies d2c,kmeans,random --random-seeds 1
+sweep --ks n/4 --strategies d2c-nl                               # d2c scoring each answer's newline
 if [ "${1:-}" = --full ]; then
   sweep --ks 1,2,4,8,n/4,n/2 --strategies single,d2c,kmeans,random,d2c-rinit --random-seeds 3 --byte-budget 1,2
 fi
 "$PY" sweep.py report --out-dir "$ROOT/docs"
 # Does the example objective rank partitions as the tests do? (greedy exact match on the examples, ~1 min each)
-"$PY" sweep.py check-objective --out-dir "$ROOT/docs"
+"$PY" sweep.py check-objective --ks 9,18 --out-dir "$ROOT/docs"

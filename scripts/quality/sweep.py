@@ -320,8 +320,9 @@ def check_objective(args: argparse.Namespace) -> None:
     own_max_tokens = own["key"].rsplit("/", 1)[1]
     own_examples = examples_eval(own["key"], ["--adapters", root / "adapters"])
     ks = {int(k) for k in args.ks.split(",")} if args.ks else None
-    # d2c-nl's objective is measured on other examples (with the newline), so it is not compared.
-    merged = [r for r in rows if r["strategy"] not in ("own", "base", "single", "d2c-nl") and (ks is None or r["k"] in ks) and (SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json").is_file()]
+    # d2c-nl's objective is measured on other examples (with the newline), so it is not compared;
+    # d2c-bytes at the same bytes repeats d2c's adapters and would count them twice.
+    merged = [r for r in rows if r["strategy"] not in ("own", "base", "single", "d2c-nl", "d2c-bytes") and (ks is None or r["k"] in ks) and (SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json").is_file()]
     points = []
     for r in sorted(merged, key=lambda r: (r["k"], r["key"])):
         ev = examples_eval(r["key"], ["--manifest", SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json"])
