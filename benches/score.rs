@@ -154,7 +154,7 @@ fn main() {
         args.reps
     );
 
-    let opts = ScoreOptions { threads: Some(args.threads), n_batch: args.batch, n_ctx: None, progress: false };
+    let opts = ScoreOptions { threads: Some(args.threads), n_batch: args.batch, n_ctx: None, progress: false, ..ScoreOptions::default() };
     let mut scorer = Scorer::new(&args.model, opts).unwrap();
     let a0 = scorer.add_adapter(&adapter_paths[0]).unwrap();
     let tokenised: Vec<_> = samples.iter().map(|s| scorer.tokenize_sample(s).unwrap()).collect();

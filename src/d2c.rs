@@ -24,7 +24,7 @@ use crate::gguf::Value;
 use crate::manifest::{self, AdapterEntry, BaseEntry, Manifest, MergeChoice, Objective, Round, ScoringStats, Storage, TaskScores};
 use crate::merge::{self, MergeOptions, Method};
 use crate::samples::{self, Sample};
-use crate::score::{ScoreJob, ScoreOptions, Scorer};
+use crate::score::{CompletionEnd, ScoreJob, ScoreOptions, Scorer};
 use crate::similarity;
 use crate::validate;
 
@@ -106,6 +106,8 @@ pub struct MergeRunOptions {
     pub tune_scales: Vec<f32>,
     pub density: f32,
     pub progress: bool,
+    /// What is scored after each example's completion.
+    pub score_end: CompletionEnd,
 }
 
 impl MergeRunOptions {
@@ -131,6 +133,7 @@ impl MergeRunOptions {
             tune_scales: vec![1.0, 1.25, 1.5],
             density: 0.5,
             progress: false,
+            score_end: CompletionEnd::None,
         }
     }
 }
@@ -525,7 +528,11 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         if samples.is_empty() {
             return Err(Error::invalid(&samples_path, "samples", format!("task {name} has no examples")));
         }
-        let samples_hash = manifest::hash_file(&samples_path)?;
+        let mut samples_hash = manifest::hash_file(&samples_path)?;
+        // Cached scores are keyed by this: the same examples scored with their end are others.
+        if opts.score_end != CompletionEnd::None {
+            samples_hash = format!("{samples_hash}+end-{}", opts.score_end.name());
+        }
         tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
     }
     let n = tasks.len();
@@ -555,7 +562,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     std::fs::create_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
 
     let t = Instant::now();
-    let score_opts = ScoreOptions { threads: opts.threads, progress: false, ..ScoreOptions::default() };
+    let score_opts = ScoreOptions { threads: opts.threads, progress: false, end: opts.score_end, ..ScoreOptions::default() };
     let scorer = Scorer::new(&opts.base, score_opts)?;
     let mut ev = Evaluator {
         scorer,
@@ -805,6 +812,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "density": opts.density,
             "tune_methods": opts.tune_methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
             "tune_scales": opts.tune_scales,
+            "score_end": opts.score_end.name(),
             "objective": "mean over tasks of (nll_merged - nll_own) / (nll_base - nll_own) on the examples",
         }),
         objective: Objective { initial: initial_objective, best: final_objective, best_round },

@@ -91,6 +91,14 @@ impl Model {
         tokens
     }
 
+    /// The token a chat turn ends with: end-of-turn where the vocabulary has one, else
+    /// end-of-sequence.
+    pub fn end_of_turn(&self) -> LlamaToken {
+        let vocab = self.inner.vocab();
+        let eot = vocab.eot();
+        if eot.0 >= 0 { eot } else { vocab.eos() }
+    }
+
     pub fn is_eog(&self, t: LlamaToken) -> bool {
         self.inner.vocab().is_eog(t)
     }

@@ -101,6 +101,9 @@ enum Command {
         /// Tokens per llama.cpp decode call.
         #[arg(long, default_value_t = d2c_gguf::score::ScoreOptions::default().n_batch, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
+        /// Also score what should follow each completion: none, newline or eog (end-of-turn token).
+        #[arg(long, default_value = "none")]
+        end: d2c_gguf::score::CompletionEnd,
         #[arg(long)]
         json: bool,
     },
@@ -245,8 +248,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Score { base, samples, adapter, threads, batch, json } => {
-            let opts = d2c_gguf::score::ScoreOptions { threads, n_batch: batch, n_ctx: None, progress: true };
+        Command::Score { base, samples, adapter, threads, batch, end, json } => {
+            let opts = d2c_gguf::score::ScoreOptions { threads, n_batch: batch, n_ctx: None, progress: true, end };
             let report = d2c_gguf::score::score_files(&base, &samples, &adapter, opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -367,6 +370,11 @@ struct MergeArgs {
     /// Density for ties/dare.
     #[arg(long, default_value_t = 0.5)]
     density: f32,
+    /// Also score what should follow each example's completion: none, newline (where eval and
+    /// line-oriented serving stop) or eog (the model's end-of-turn token), so that merged
+    /// adapters whose answers run on are charged for it.
+    #[arg(long, default_value = "none")]
+    score_end: d2c_gguf::score::CompletionEnd,
     /// Print the manifest as JSON instead of the report table.
     #[arg(long)]
     json: bool,
@@ -387,6 +395,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.cache = a.cache;
     o.force = a.force;
     o.density = a.density;
+    o.score_end = a.score_end;
     if a.no_tune {
         o.tune_methods.clear();
         o.tune_scales.clear();

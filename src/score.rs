@@ -43,6 +43,45 @@ use crate::error::{Error, Result};
 use crate::llama::{self, Adapter, Batch, Model, Token};
 use crate::samples::{self, Sample, SampleFile};
 
+/// What is scored after each completion. Generation must stop after the answer as well as
+/// produce it: an adapter that runs on (`18700` -> `187000`) gives every completion token its
+/// right probability, and only scoring the stop that should follow charges it for that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompletionEnd {
+    /// The completion's own tokens only.
+    #[default]
+    None,
+    /// A newline after the completion (unless it already ends with one): where `eval` and
+    /// line-oriented serving stop.
+    Newline,
+    /// The model's end-of-turn token (end-of-sequence where it has none) after the completion:
+    /// for adapters trained to end their answers with it.
+    Eog,
+}
+
+impl CompletionEnd {
+    /// The name used on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompletionEnd::None => "none",
+            CompletionEnd::Newline => "newline",
+            CompletionEnd::Eog => "eog",
+        }
+    }
+}
+
+impl std::str::FromStr for CompletionEnd {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(CompletionEnd::None),
+            "newline" => Ok(CompletionEnd::Newline),
+            "eog" => Ok(CompletionEnd::Eog),
+            _ => Err(format!("unknown completion end '{s}' (expected none, newline or eog)")),
+        }
+    }
+}
+
 /// How to run the scorer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScoreOptions {
@@ -55,13 +94,15 @@ pub struct ScoreOptions {
     pub n_ctx: Option<u32>,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// What is scored after each completion.
+    pub end: CompletionEnd,
 }
 
 impl Default for ScoreOptions {
     fn default() -> Self {
         // 256: llama.cpp pads the KV cache to 256 cells, and without flash attention each token
         // attends to all of them, so larger batches pay more attention per token.
-        ScoreOptions { threads: None, n_batch: 256, n_ctx: None, progress: false }
+        ScoreOptions { threads: None, n_batch: 256, n_ctx: None, progress: false, end: CompletionEnd::None }
     }
 }
 
@@ -168,7 +209,11 @@ impl Scorer {
     /// without a location (the caller knows the file and line).
     pub fn tokenize_sample(&self, sample: &Sample) -> std::result::Result<SampleTokens, String> {
         let prompt = self.model.tokenize_sequence(&sample.prompt);
-        let full = self.model.tokenize_sequence(&format!("{}{}", sample.prompt, sample.completion));
+        let newline = self.opts.end == CompletionEnd::Newline && !sample.completion.ends_with('\n');
+        let mut full = self.model.tokenize_sequence(&format!("{}{}{}", sample.prompt, sample.completion, if newline { "\n" } else { "" }));
+        if self.opts.end == CompletionEnd::Eog {
+            full.push(self.model.end_of_turn());
+        }
         let common = prompt.iter().zip(&full).take_while(|(a, b)| a == b).count();
         // Without a BOS token the first token of a sequence has no logits predicting it.
         let first_scored = common.max(1);

@@ -17,7 +17,7 @@ use d2c_gguf::synth;
 const THREADS: i32 = 1;
 
 fn opts(n_batch: u32) -> ScoreOptions {
-    ScoreOptions { threads: Some(THREADS), n_batch, n_ctx: None, progress: false }
+    ScoreOptions { threads: Some(THREADS), n_batch, n_ctx: None, progress: false, ..ScoreOptions::default() }
 }
 
 /// A random rank-8 q/v adapter for the test model, written as F32.
@@ -335,4 +335,28 @@ fn cli_scores_base_and_adapters_as_json_and_table() {
     let (code, _, err) = common::run_cli(&["score", "--base", common::path_str(&base), "--samples", common::path_str(&bad)]);
     assert_eq!(code, 1);
     assert!(err.contains(common::path_str(&bad)) && err.contains("line 2: completion: missing"), "{err}");
+}
+
+/// `--score-end newline` scores exactly what the completion written with its newline scores
+/// (and adds no second newline to one that has it); `eog` adds one scored token, the model's
+/// end of turn, whose cost is charged on top of the completion's.
+#[test]
+fn completion_end_scores_the_stop_after_the_answer() {
+    use d2c_gguf::score::CompletionEnd;
+    let plain: Vec<Sample> = samples().into_iter().filter(|x| !x.completion.ends_with('\n')).collect();
+    let written: Vec<Sample> = plain.iter().map(|x| s(&x.prompt, &format!("{}\n", x.completion))).collect();
+    let score = |end: CompletionEnd, set: &[Sample]| {
+        let mut scorer = Scorer::new(&common::base_model(), ScoreOptions { end, ..opts(256) }).unwrap();
+        scorer.score(&[ScoreJob::base(set)]).unwrap().remove(0)
+    };
+    let none = score(CompletionEnd::None, &plain);
+    let written_none = score(CompletionEnd::None, &written);
+    assert_close(&score(CompletionEnd::Newline, &plain), &written_none, 0.0, "newline end vs newline written");
+    assert_close(&score(CompletionEnd::Newline, &written), &written_none, 0.0, "newline end on a written newline");
+    let eog = score(CompletionEnd::Eog, &plain);
+    for (i, (e, n)) in eog.per_sample.iter().zip(&none.per_sample).enumerate() {
+        assert_eq!(e.tokens, n.tokens + 1, "sample {i}: eog adds one token");
+        let (e_sum, n_sum) = (e.nll * e.tokens as f64, n.nll * n.tokens as f64);
+        assert!(e_sum > n_sum + 1e-6, "sample {i}: the end-of-turn token costs nothing ({e_sum} vs {n_sum})");
+    }
 }

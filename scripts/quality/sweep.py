@@ -65,7 +65,9 @@ def task_set(families: str | None) -> tuple[str, list[str], Path]:
             if not link.is_symlink():
                 link.symlink_to(src / f"{t}.{ext}")
     # The same examples with the newline that ends every answer (the adapters were trained to
-    # emit it and `eval` stops on it): scoring it makes the merge see answers that run on.
+    # emit it and `eval` stops on it): scoring it makes the merge see answers that run on. This
+    # scores exactly what `merge --score-end newline` scores (tests/score.rs checks that), and is
+    # how the d2c-nl results were measured.
     nl = root / "samples-nl"
     nl.mkdir(exist_ok=True)
     for t in tasks:
