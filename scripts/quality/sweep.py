@@ -78,6 +78,11 @@ def task_set(families: str | None) -> tuple[str, list[str], Path]:
     return name, tasks, root
 
 
+def merged_dir(key: str) -> Path:
+    """Where `run` writes the merge of the result `key`."""
+    return SWEEP / "merged" / key.replace("/", "-")
+
+
 def load_results() -> dict[str, dict]:
     if not RESULTS.is_file():
         return {}
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> None:
         key = f"{set_name}/{strategy}/k{k}/{'of' if strategy == 'd2c-bytes' else 's'}{seed}/{settings_id}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
-            out = SWEEP / "merged" / key.replace("/", "-")
+            out = merged_dir(key)
             extra: list = []
             if strategy == "d2c-bytes":
                 ref = done.get(f"{set_name}/d2c/k{seed}/s0/{settings_id}")
@@ -311,23 +316,25 @@ def check_objective(args: argparse.Namespace) -> None:
         sys.exit(f"sweep: no own-adapter result in {RESULTS}; run `sweep.py run` first")
     on_examples = {r["key"]: r for r in read_jsonl(EXAMPLES)} if EXAMPLES.is_file() else {}
 
+    # The examples are decoded as the tests were (same --max-tokens as the own-adapter result).
+    max_tokens = own["key"].rsplit("/", 1)[1]
+
     def examples_eval(key: str, extra: list) -> dict:
         if key not in on_examples:
-            row = {"key": key, "eval": evaluate(root / "samples", [*extra, "--max-tokens", str(own_max_tokens)], args.threads)}
+            row = {"key": key, "eval": evaluate(root / "samples", [*extra, "--max-tokens", max_tokens], args.threads)}
             with open(EXAMPLES, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
             on_examples[key] = row
         return on_examples[key]["eval"]
 
-    own_max_tokens = own["key"].rsplit("/", 1)[1]
     own_examples = examples_eval(own["key"], ["--adapters", root / "adapters"])
     ks = {int(k) for k in args.ks.split(",")} if args.ks else None
     # d2c-nl's objective is measured on other examples (with the newline), so it is not compared;
     # d2c-bytes at the same bytes repeats d2c's adapters and would count them twice.
-    merged = [r for r in rows if r["strategy"] not in ("own", "base", "single", "d2c-nl", "d2c-bytes") and (ks is None or r["k"] in ks) and (SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json").is_file()]
+    merged = [r for r in rows if r["strategy"] not in ("own", "base", "single", "d2c-nl", "d2c-bytes") and (ks is None or r["k"] in ks) and (merged_dir(r["key"]) / "manifest.json").is_file()]
     points = []
     for r in sorted(merged, key=lambda r: (r["k"], r["key"])):
-        ev = examples_eval(r["key"], ["--manifest", SWEEP / "merged" / r["key"].replace("/", "-") / "manifest.json"])
+        ev = examples_eval(r["key"], ["--manifest", merged_dir(r["key"]) / "manifest.json"])
         label = r["strategy"] if r["strategy"] not in ("random", "d2c-rinit") else f"{r['strategy']} s{r['seed']}"
         points.append((r["k"], label, r["objective"]["best"], normalised(ev, own_examples)[0], normalised(r["eval"], own["eval"])[0]))
 
