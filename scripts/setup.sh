@@ -7,20 +7,59 @@ set -euo pipefail
 CACHE="${D2C_CACHE:-$HOME/.cache/d2c-gguf}"
 mkdir -p "$CACHE"
 
+# Each probe tests what the build really uses, not a look-alike: a fresh Debian with only
+# libclang-cpp14 once passed a glob on libclang*.so* and then failed inside bindgen.
+have() { command -v "$1" >/dev/null 2>&1; }
+# bindgen (inside llama-cpp-sys-2, through clang-sys) loads libclang.so, libclang.so.N or
+# libclang-N.so*, searching LIBCLANG_PATH, llvm-config's libdir and the system library dirs.
+# libclang-cpp.so (the C++ API, a different library) does not count.
+have_libclang() {
+  local dirs=() d f
+  [ -n "${LIBCLANG_PATH:-}" ] && dirs+=("$LIBCLANG_PATH")
+  have llvm-config && dirs+=("$(llvm-config --libdir)")
+  dirs+=(/usr/lib/llvm-*/lib /usr/lib/*-linux-gnu /usr/lib64 /usr/lib /usr/local/lib)
+  for d in "${dirs[@]}"; do
+    for f in "$d"/libclang.so "$d"/libclang.so.[0-9]* "$d"/libclang-[0-9]*.so*; do
+      [ -e "$f" ] && return 0
+    done
+  done
+  return 1
+}
+# A C and a C++ compiler that really compile (llama.cpp is C11 and C++17), and make for cmake.
+have_compilers() {
+  local t; t="$(mktemp -d)"
+  printf 'int main(void){return 0;}\n' > "$t/a.c"
+  printf '#include <vector>\nint main(){std::vector<int> v{1};return v[0]-1;}\n' > "$t/a.cpp"
+  cc "$t/a.c" -o "$t/a" >/dev/null 2>&1 && c++ -std=c++17 "$t/a.cpp" -o "$t/b" >/dev/null 2>&1
+  local ok=$?; rm -rf "$t"; return $ok
+}
+# python3 -m venv works only with Debian's python3-venv (ensurepip is split out of python3).
+have_venv() {
+  local t; t="$(mktemp -d)"
+  python3 -m venv "$t/v" >/dev/null 2>&1; local ok=$?; rm -rf "$t"; return $ok
+}
+
 need_apt=()
-command -v cmake >/dev/null || need_apt+=(cmake)
-# bindgen (inside llama-cpp-sys-2) needs libclang.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
-command -v c++ >/dev/null || need_apt+=(build-essential)
-command -v python3 >/dev/null || need_apt+=(python3)
-python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
-command -v unzip >/dev/null || need_apt+=(unzip)
-command -v curl >/dev/null || need_apt+=(curl)
+have cmake || need_apt+=(cmake)
+have_libclang || need_apt+=(libclang-dev)
+{ have_compilers && have make; } || need_apt+=(build-essential)
+have python3 || need_apt+=(python3)
+{ have python3 && have_venv; } || need_apt+=(python3-venv)
+have unzip || need_apt+=(unzip)
+have curl || need_apt+=(curl)
+# The end-to-end tests signal processes with kill(1) (procps; bash's builtin does not count).
+type -P kill >/dev/null || need_apt+=(procps)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null; }; then
+    echo "setup: could not install ${need_apt[*]}; install them by hand (apt-get install ${need_apt[*]}) and rerun" >&2
+    exit 1
+  fi
+  # Probe again: an install that "succeeds" without the thing the build loads is still a failure.
+  have_libclang || { echo "setup: libclang (libclang.so for bindgen) still missing; install libclang-dev by hand" >&2; exit 1; }
+  have_compilers || { echo "setup: cc/c++ cannot compile; install build-essential by hand" >&2; exit 1; }
+  have_venv || { echo "setup: python3 -m venv fails; install python3-venv by hand" >&2; exit 1; }
 fi
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2

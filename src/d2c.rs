@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
 use crate::base::BaseModel;
 use crate::cluster::{self, Assignment};
+use crate::compress;
 use crate::error::{Error, Result};
 use crate::gguf::Value;
 use crate::manifest::{self, AdapterEntry, BaseEntry, Manifest, MergeChoice, Objective, Round, ScoringStats, Storage, TaskScores};
@@ -38,6 +39,19 @@ pub enum Strategy {
     Random,
     /// Every task into one adapter.
     Single,
+    /// No merging: every task keeps its own adapter, every target cut (truncated SVD) to the
+    /// largest uniform rank whose files fit `--budget-bytes` (or to `--rank`).
+    Truncate,
+    /// No merging: every task keeps its own adapter, with per-target ranks chosen by singular
+    /// value energy under `--budget-bytes` (targets may be dropped).
+    TruncateEnergy,
+}
+
+impl Strategy {
+    /// Strategies that keep one adapter per task and only make each smaller.
+    pub fn keeps_every_task(self) -> bool {
+        matches!(self, Strategy::Truncate | Strategy::TruncateEnergy)
+    }
 }
 
 impl FromStr for Strategy {
@@ -48,7 +62,9 @@ impl FromStr for Strategy {
             "kmeans" => Strategy::Kmeans,
             "random" => Strategy::Random,
             "single" => Strategy::Single,
-            _ => return Err(format!("unknown strategy '{s}' (expected d2c, kmeans, random or single)")),
+            "truncate" => Strategy::Truncate,
+            "truncate-energy" => Strategy::TruncateEnergy,
+            _ => return Err(format!("unknown strategy '{s}' (expected d2c, kmeans, random, single, truncate or truncate-energy)")),
         })
     }
 }
@@ -60,6 +76,8 @@ impl fmt::Display for Strategy {
             Strategy::Kmeans => "kmeans",
             Strategy::Random => "random",
             Strategy::Single => "single",
+            Strategy::Truncate => "truncate",
+            Strategy::TruncateEnergy => "truncate-energy",
         })
     }
 }
@@ -536,12 +554,35 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
     }
     let n = tasks.len();
-    let k = opts.budget.min(n);
-    let rank = opts.rank.unwrap_or_else(|| tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(8));
-    {
-        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
-        merge::check_compatible(&refs)?;
+    if opts.strategy.keeps_every_task() && opts.budget < n {
+        return Err(Error::Usage(format!(
+            "--strategy {} keeps one adapter per task: --budget (a cap on files) must be at least the {n} tasks, got {}",
+            opts.strategy, opts.budget
+        )));
     }
+    let k = opts.budget.min(n);
+    let mut rank = opts.rank.unwrap_or_else(|| tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(8));
+    let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+    merge::check_compatible(&refs)?;
+    // What each task ships when it keeps its own adapter under a truncation strategy.
+    let compressed: Option<Vec<LoraAdapter>> = match (opts.strategy, opts.budget_bytes) {
+        (Strategy::Truncate, Some(bytes)) => {
+            let (r, cut) = compress::largest_uniform_rank(&refs, opts.dtype, bytes)?;
+            rank = r;
+            Some(cut)
+        }
+        (Strategy::Truncate, None) => Some(
+            refs.iter()
+                .map(|a| if a.max_rank() <= rank { Ok((*a).clone()) } else { compress::truncate_to(a, &compress::uniform_ranks(a, rank)) })
+                .collect::<Result<_>>()?,
+        ),
+        (Strategy::TruncateEnergy, Some(bytes)) => Some(compress::energy_ranks(&refs, opts.dtype, bytes)?.1),
+        (Strategy::TruncateEnergy, None) => {
+            return Err(Error::Usage("--strategy truncate-energy needs --budget-bytes".into()));
+        }
+        _ => None,
+    };
+    drop(refs);
     timings.insert("read".to_string(), t_start.elapsed().as_secs_f64());
 
     let base_hash = manifest::hash_file(&opts.base)?;
@@ -595,6 +636,10 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     }
     pb.finish_and_clear();
     timings.insert("score_own_base".to_string(), t.elapsed().as_secs_f64());
+    let compressed_candidates: Option<Vec<Candidate>> = match &compressed {
+        Some(cut) => Some(cut.iter().map(|a| ev.write_candidate(a, &input_paths)).collect::<Result<_>>()?),
+        None => None,
+    };
 
     let merge_cluster = |members: &[usize], method: Method, scale: f32, rank: usize| -> Result<LoraAdapter> {
         let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &tasks[i].adapter).collect();
@@ -612,10 +657,13 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         Ok(merged)
     };
 
-    // Evaluates one cluster at `rank`: a singleton at (or above) its own rank ships its own
-    // adapter unchanged; everything else is merged (a singleton below its rank is truncated).
+    // Evaluates one cluster at `rank`: a singleton ships its compressed adapter under a
+    // truncation strategy, else, at (or above) its own rank, its own adapter unchanged;
+    // everything else is merged (a singleton below its rank is truncated).
     let eval_cluster = |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
-        let cand = if members.len() == 1 && scale == 1.0 && rank >= tasks[members[0]].adapter.max_rank() {
+        let cand = if let (Some(cut), [only]) = (&compressed_candidates, members) {
+            cut[*only].clone()
+        } else if members.len() == 1 && scale == 1.0 && rank >= tasks[members[0]].adapter.max_rank() {
             own_candidates[members[0]].clone()
         } else {
             let merged = merge_cluster(members, method, scale, rank)?;
@@ -634,11 +682,16 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
     let mut assign: Assignment = match (opts.strategy, opts.init) {
         _ if k == n => (0..n).collect(),
+        (Strategy::Truncate | Strategy::TruncateEnergy, _) => (0..n).collect(),
         (Strategy::Single, _) => vec![0; n],
         (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
         (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
     };
-    let k = if opts.strategy == Strategy::Single { 1 } else { k };
+    let k = match opts.strategy {
+        Strategy::Single => 1,
+        s if s.keeps_every_task() => n,
+        _ => k,
+    };
 
     let t = Instant::now();
     let mut rounds: Vec<Round> = Vec::new();
@@ -737,7 +790,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     pb.finish_and_clear();
     timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
 
-    if let Some(budget_bytes) = opts.budget_bytes {
+    // Truncation strategies fitted the bytes already, task by task.
+    if let (Some(budget_bytes), false) = (opts.budget_bytes, opts.strategy.keeps_every_task()) {
         let t = Instant::now();
         allocate_ranks(budget_bytes, rank, &groups, &tasks, &nll_own, &nll_base, &mut chosen, |members, m, s, r, scored| {
             eval_cluster(&mut ev, members, m, s, r, scored)

@@ -136,3 +136,42 @@ pub fn die_quietly_on_closed_stdout() {
 
 #[cfg(not(unix))]
 pub fn die_quietly_on_closed_stdout() {}
+
+extern "C" fn discard_log(_level: sys::ggml_log_level, _text: *const std::os::raw::c_char, _user_data: *mut std::ffi::c_void) {}
+
+/// Sends llama.cpp's and ggml's log lines nowhere. Needed before the CPU variant modules are
+/// loaded (each load logs a line), which happens before `LlamaBackend` exists to do it.
+pub fn silence_llama_logs() {
+    // SAFETY: registers a callback that ignores its arguments and a null user pointer that is
+    // never dereferenced; the callback is a plain function that lives for the whole program.
+    unsafe { sys::llama_log_set(Some(discard_log), std::ptr::null_mut()) }
+}
+
+/// The features ggml's CPU backend was compiled with (`("AVX2", "1")`, `("SVE_CNT", "32")`,
+/// ...): with run-time CPU variants, those of the variant loaded, not of this binary's build.
+/// Empty when no CPU backend is registered yet.
+pub fn cpu_backend_features() -> Vec<(String, String)> {
+    // SAFETY: ggml_backend_reg_by_name and get_proc_address take a NUL-terminated name and
+    // return null or a registry / function owned by ggml for the program's lifetime. The
+    // function, when present, has ggml's documented `ggml_backend_get_features_t` signature and
+    // returns an array terminated by an entry with a null name, whose strings are static.
+    unsafe {
+        let reg = sys::ggml_backend_reg_by_name(c"CPU".as_ptr());
+        if reg.is_null() {
+            return Vec::new();
+        }
+        let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_get_features".as_ptr());
+        if f.is_null() {
+            return Vec::new();
+        }
+        let get: unsafe extern "C" fn(sys::ggml_backend_reg_t) -> *mut sys::ggml_backend_feature = std::mem::transmute(f);
+        let mut out = Vec::new();
+        let mut p = get(reg);
+        while !p.is_null() && !(*p).name.is_null() {
+            let text = |s: *const std::os::raw::c_char| if s.is_null() { String::new() } else { CStr::from_ptr(s).to_string_lossy().into_owned() };
+            out.push((text((*p).name), text((*p).value)));
+            p = p.add(1);
+        }
+        out
+    }
+}

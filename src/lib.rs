@@ -8,6 +8,7 @@
 pub mod adapter;
 pub mod base;
 pub mod cluster;
+pub mod compress;
 pub mod convert;
 pub mod d2c;
 pub mod error;

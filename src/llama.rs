@@ -22,14 +22,57 @@ static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::
 pub fn backend() -> Result<&'static LlamaBackend> {
     BACKEND
         .get_or_init(|| {
+            let quiet = std::env::var_os("D2C_LLAMA_LOG").is_none_or(|v| v != "1");
+            if quiet {
+                crate::ffi::silence_llama_logs();
+            }
+            #[cfg(feature = "cpu-variants")]
+            load_cpu_variants()?;
             let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
-            if std::env::var_os("D2C_LLAMA_LOG").is_none_or(|v| v != "1") {
+            if quiet {
                 b.void_logs();
             }
             Ok(b)
         })
         .as_ref()
         .map_err(|e| Error::Llama(format!("backend init failed: {e}")))
+}
+
+/// Env var naming the directory of ggml's CPU variant modules (`libggml-cpu-<level>.so`),
+/// for a deployment that keeps them somewhere other than beside the binary.
+#[cfg(feature = "cpu-variants")]
+pub const BACKENDS_DIR_ENV: &str = "D2C_GGML_BACKENDS";
+
+/// Registers ggml's CPU kernels: of the variant modules found, ggml keeps the best one this
+/// CPU can run, so one binary serves every x86-64 (or Arm) level. Looked for in
+/// `$D2C_GGML_BACKENDS`, then beside the executable (a copied deployment), then where the
+/// build put them.
+#[cfg(feature = "cpu-variants")]
+fn load_cpu_variants() -> std::result::Result<(), String> {
+    let has_variants = |d: &Path| {
+        std::fs::read_dir(d).is_ok_and(|entries| {
+            entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libggml-cpu"))
+        })
+    };
+    let from_env = std::env::var_os(BACKENDS_DIR_ENV).map(PathBuf::from);
+    let beside_exe = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
+    let built = llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from);
+    let dir = match from_env {
+        Some(d) => d,
+        None => [beside_exe, built]
+            .into_iter()
+            .flatten()
+            .find(|d| has_variants(d))
+            .ok_or_else(|| format!("no ggml CPU variant (libggml-cpu-*.so) beside the executable or in the build's backends directory; set {BACKENDS_DIR_ENV}"))?,
+    };
+    if !has_variants(&dir) {
+        return Err(format!("{BACKENDS_DIR_ENV}={}: no libggml-cpu-*.so there", dir.display()));
+    }
+    llama_cpp_2::llama_backend::load_backends_from_path(&dir);
+    if !llama_cpp_2::list_llama_ggml_backend_devices().iter().any(|d| d.backend == "CPU") {
+        return Err(format!("{}: no ggml CPU variant loads on this CPU", dir.display()));
+    }
+    Ok(())
 }
 
 /// A loaded base model.

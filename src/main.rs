@@ -337,6 +337,10 @@ struct MergeArgs {
     /// Merge operator used while clustering.
     #[arg(long, default_value = "svd")]
     method: d2c_gguf::merge::Method,
+    /// How tasks get their adapters: d2c (weight-space clusters refined on the examples),
+    /// kmeans, random, single (one adapter), or no merging at all: truncate (every own adapter
+    /// at the largest uniform rank that fits --budget-bytes, or --rank) and truncate-energy
+    /// (per-target ranks by singular-value energy under --budget-bytes).
     #[arg(long, default_value = "d2c")]
     strategy: d2c_gguf::d2c::Strategy,
     /// Starting clusters for d2c: weight-space k-medoids or a seeded random partition.

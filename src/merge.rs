@@ -275,7 +275,10 @@ pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result
                 .collect();
             let (target, norm, residual) = match opts.method {
                 Method::Cat => cat_target(&parts),
-                Method::Svd => svd_target(&parts, rank)?,
+                Method::Svd => {
+                    let (target, norm, residual, _) = svd_target(&parts, rank)?;
+                    (target, norm, residual)
+                }
                 Method::Linear => linear_target(&parts),
                 Method::Ties | Method::Dare => dense_target(name, &parts, rank, opts, wabs)?,
             };
@@ -358,7 +361,17 @@ fn cat_target(parts: &[Part]) -> (LoraTarget, f64, f64) {
     (LoraTarget::new(a, b, r, n_in, n_out), norm, 0.0)
 }
 
-fn svd_target(parts: &[Part], rank: usize) -> Result<(LoraTarget, f64, f64)> {
+/// A single target's delta `scale * B A` cut to its best rank-`rank` approximation (Frobenius,
+/// Eckart-Young; what `svd` does to one input), written with scale 1, and the squared singular
+/// values of the whole delta (non-increasing), so that callers can see what each rank keeps.
+pub fn truncate_target(t: &LoraTarget, scale: f32, rank: usize) -> Result<(LoraTarget, Vec<f64>)> {
+    let part = Part { input: 0, weight: 1.0, coef: scale, t };
+    let (target, _, _, spectrum) = svd_target(&[part], rank.max(1))?;
+    Ok((target, spectrum))
+}
+
+/// The svd operator on one target: (target, ||reference||, residual, squared singular values).
+fn svd_target(parts: &[Part], rank: usize) -> Result<(LoraTarget, f64, f64, Vec<f64>)> {
     let (n_out, n_in) = shape(parts);
     // Each input's share is c_i B_i A_i; split c_i so that both stacked factors have comparable
     // norms (nothing changes mathematically; the Gram matrices stay well scaled). Inputs whose
@@ -421,7 +434,7 @@ fn svd_target(parts: &[Part], rank: usize) -> Result<(LoraTarget, f64, f64)> {
     let tail2: f64 = lambda[keep..].iter().sum();
     if keep == 0 {
         // An all-zero delta: one zero component keeps the target (and the file) well-formed.
-        return Ok((LoraTarget::new(vec![0.0; n_in], vec![0.0; n_out], 1, n_in, n_out), 0.0, 0.0));
+        return Ok((LoraTarget::new(vec![0.0; n_in], vec![0.0; n_out], 1, n_in, n_out), 0.0, 0.0, lambda));
     }
     // B' = B L^{-T} U_k sigma^{1/2} and A'^T = A^T L U_k sigma^{-1/2}, so that
     // B' A' = Q U_k U_k^T Q^T delta: the projection of delta on its top-k left singular vectors.
@@ -435,7 +448,7 @@ fn svd_target(parts: &[Part], rank: usize) -> Result<(LoraTarget, f64, f64)> {
         (0..m.ncols()).flat_map(|j| m.col(j).try_as_col_major().unwrap().as_slice().iter().map(|v| *v as f32)).collect()
     };
     let (b, a) = (to_f32(&bo), to_f32(&ao));
-    Ok((LoraTarget::new(a, b, keep, n_in, n_out), norm2.sqrt(), tail2.sqrt()))
+    Ok((LoraTarget::new(a, b, keep, n_in, n_out), norm2.sqrt(), tail2.sqrt(), lambda))
 }
 
 fn linear_target(parts: &[Part]) -> (LoraTarget, f64, f64) {

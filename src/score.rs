@@ -28,7 +28,7 @@
 //!
 //! How it stays exact whatever the batching: besides plain attention (above), every packed
 //! sample starts at a KV cell aligned to the SIMD width of llama.cpp's attention kernel, padded
-//! with a few filler tokens after the previous sample (see [`KV_ALIGN`]); a sample then gets
+//! with a few filler tokens after the previous sample (see [`kv_align`]); a sample then gets
 //! bit for bit the logits it gets when decoded alone.
 
 use std::collections::HashMap;
@@ -318,8 +318,9 @@ impl Scorer {
             }
         }
         let n_batch = self.opts.n_batch as usize;
+        let align = kv_align();
         for g in &mut groups {
-            g.plan = plan_decodes(&sets, &g.sets, n_batch);
+            g.plan = plan_decodes(&sets, &g.sets, n_batch, align);
         }
         let n_seq = groups
             .iter()
@@ -443,14 +444,33 @@ struct Decode {
 /// attention probabilities by V with a SIMD kernel (tinyBLAS) whose lanes follow the KV cell
 /// index, so a sequence at another offset sums in another order; the Q8 quantisation of
 /// activations then turns that last-bit noise into differences of 0.01 nats. Aligned to the lane
-/// count (8 floats with AVX2, 16 with AVX-512), a sample scores bit for bit as it does alone.
-const KV_ALIGN: usize = if cfg!(target_feature = "avx512f") { 16 } else { 8 };
+/// count (8 floats with AVX2, 16 with AVX-512, SVE's vector length), a sample scores bit for
+/// bit as it does alone. The lanes are those of the ggml CPU kernels that run, which with
+/// run-time CPU variants are chosen when the backend loads, not when this crate is compiled:
+/// so the alignment is asked of ggml ([`kv_align`]), never taken from `cfg!(target_feature)`.
+pub fn kv_align() -> usize {
+    static ALIGN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ALIGN.get_or_init(|| {
+        // The CPU backend must be registered (loaded) before its features can be read.
+        let _ = crate::llama::backend();
+        kv_align_for(&crate::ffi::cpu_backend_features())
+    })
+}
+
+/// [`kv_align`] for a list of ggml CPU features: at least 8 (which also covers 4-lane SSE and
+/// NEON), 16 with AVX-512, the f32 lane count of SVE.
+pub fn kv_align_for(features: &[(String, String)]) -> usize {
+    let has = |name: &str| features.iter().any(|(n, v)| n == name && v != "0");
+    let sve_lanes = features.iter().find(|(n, _)| n == "SVE_CNT").and_then(|(_, v)| v.parse::<usize>().ok()).map(|bytes| bytes / 4);
+    let lanes = if has("AVX512") { 16 } else { 8 };
+    lanes.max(sve_lanes.unwrap_or(0)).next_power_of_two()
+}
 
 /// Packs whole samples into decodes of at most `n_batch` tokens and `MAX_SEQUENCES` sequences,
 /// first-fit decreasing (near-full batches, so throughput stays near the raw decode rate), each
-/// sample starting at a multiple of [`KV_ALIGN`]; samples longer than a batch get their own
-/// chained decodes.
-fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize) -> Vec<Decode> {
+/// sample starting at a multiple of `kv_align` (see [`kv_align`]); samples longer than a batch
+/// get their own chained decodes.
+fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_align: usize) -> Vec<Decode> {
     let mut items: Vec<(usize, usize, usize)> = which
         .iter()
         .flat_map(|&set| sets[set].iter().enumerate().map(move |(i, s)| (set, i, s.tokens.len())))
@@ -470,7 +490,7 @@ fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize) -> 
             }
             continue;
         }
-        let pad = len.next_multiple_of(KV_ALIGN) - len;
+        let pad = len.next_multiple_of(kv_align) - len;
         let piece = Piece { set, sample, start: 0, end: len, pad };
         match open.iter_mut().find(|(used, pieces)| *used + len <= n_batch && pieces.len() < max_seq) {
             Some((used, pieces)) => {
@@ -663,5 +683,26 @@ impl ScoreReport {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_align_for;
+
+    fn f(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn kv_alignment_follows_the_loaded_kernels_lanes() {
+        assert_eq!(kv_align_for(&[]), 8);
+        assert_eq!(kv_align_for(&f(&[("SSE3", "1"), ("SSSE3", "1")])), 8);
+        assert_eq!(kv_align_for(&f(&[("AVX", "1"), ("AVX2", "1"), ("FMA", "1")])), 8);
+        assert_eq!(kv_align_for(&f(&[("AVX2", "1"), ("AVX512", "1")])), 16);
+        assert_eq!(kv_align_for(&f(&[("NEON", "1"), ("DOTPROD", "1")])), 8);
+        // SVE_CNT is the vector length in bytes: 64 bytes = 16 f32 lanes.
+        assert_eq!(kv_align_for(&f(&[("NEON", "1"), ("SVE", "1"), ("SVE_CNT", "64")])), 16);
+        assert_eq!(kv_align_for(&f(&[("SVE", "1"), ("SVE_CNT", "16")])), 8);
     }
 }

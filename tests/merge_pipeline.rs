@@ -337,3 +337,49 @@ fn a_byte_budget_is_met_by_choosing_ranks() {
     assert!(e.contains("--budget-bytes"), "{e}");
     assert!(!none.exists());
 }
+
+#[test]
+fn truncation_keeps_every_task_apart_within_the_bytes() {
+    let dir = common::tempdir();
+    let n = GROUPS * PER_GROUP;
+    let input_bytes: u64 = std::fs::read_dir(task_set().join("adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let n_str = n.to_string();
+    // A quarter of the bytes: rank 8 cannot fit, some lower rank must.
+    let budget = input_bytes / 4;
+    let b = budget.to_string();
+    for strategy in ["truncate", "truncate-energy"] {
+        let out = dir.path().join(strategy);
+        let (code, o, e) = merge(&["--budget", &n_str, "--strategy", strategy, "--budget-bytes", &b], &out);
+        assert_eq!(code, 0, "{strategy}: {o}{e}");
+        let m = check_manifest(&out);
+        assert_eq!(m.adapters.len(), n, "{strategy}: one adapter per task");
+        assert!(m.storage.bytes <= budget, "{strategy}: {} > {budget}", m.storage.bytes);
+        assert!(m.adapters.iter().all(|a| a.merge.is_none() && a.tasks.len() == 1), "{strategy}: {:?}", m.adapters);
+        // Each file is a valid adapter for the base, as llama.cpp's loader checks.
+        for a in &m.adapters {
+            let p = out.join(&a.file);
+            let (code, o, e) = common::run_cli(&["validate", "--base", common::path_str(&common::base_model()), common::path_str(&p)]);
+            assert_eq!(code, 0, "{strategy} {}: {o}{e}", a.file);
+        }
+        if strategy == "truncate" {
+            let ranks: BTreeSet<usize> = m.adapters.iter().map(|a| a.rank).collect();
+            assert_eq!(ranks.len(), 1, "one uniform rank: {ranks:?}");
+            let r = *ranks.iter().next().unwrap();
+            assert!((1..8).contains(&r), "{r}");
+            assert_eq!(m.settings["rank"], r);
+        }
+        // Cutting ranks costs the examples something, but every task stays far from the base.
+        for (task, s) in &m.scores {
+            assert!(s.regret < 0.5, "{strategy} {task}: regret {}", s.regret);
+        }
+    }
+    // A count budget below the task count contradicts keeping every task apart.
+    let out = dir.path().join("few");
+    let (code, _, e) = merge(&["--budget", "2", "--strategy", "truncate", "--budget-bytes", &b], &out);
+    assert_eq!(code, 1);
+    assert!(e.contains("--budget") && e.contains("at least"), "{e}");
+    assert!(!out.exists());
+}

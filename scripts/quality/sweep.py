@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> None:
     configs = []
     for k in parse_ks(args.ks, n):
         for strategy in args.strategies.split(","):
+            if strategy in ("truncate", "truncate-energy"):
+                continue  # by --fractions, below
             if strategy == "single":
                 if k == 1:
                     configs.append(("single", 1, 0))
@@ -157,9 +159,18 @@ def run(args: argparse.Namespace) -> None:
             for clusters in (int(m) * k for m in args.byte_budget.split(",")):
                 if clusters < n:
                     configs.append(("d2c-bytes", clusters, k))
+    # Truncation baselines (issue 16): every task keeps its own adapter, cut to 1/F of the input
+    # bytes; `seed` carries F. Their K in the report is N / F, the count of full-rank adapters
+    # the same bytes would hold, so that they line up with merging at that K.
+    truncations = [s for s in args.strategies.split(",") if s in ("truncate", "truncate-energy")]
+    input_bytes = sum((root / "adapters" / f"{t}.gguf").stat().st_size for t in tasks)
+    for f in [int(x) for x in args.fractions.split(",")] if args.fractions else []:
+        configs += [(s, n, f) for s in truncations]
     for strategy, k, seed in configs:
-        # For d2c-bytes `seed` names the count-mode K whose bytes are the budget.
-        key = f"{set_name}/{strategy}/k{k}/{'of' if strategy == 'd2c-bytes' else 's'}{seed}/{settings_id}"
+        # For d2c-bytes `seed` names the count-mode K whose bytes are the budget; for the
+        # truncations, the fraction of the input bytes (1/seed).
+        tag = "of" if strategy == "d2c-bytes" else "f" if strategy in truncations else "s"
+        key = f"{set_name}/{strategy}/k{k}/{tag}{seed}/{settings_id}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = merged_dir(key)
@@ -169,6 +180,8 @@ def run(args: argparse.Namespace) -> None:
                 if ref is None:
                     sys.exit(f"sweep: d2c-bytes at K={k} needs the d2c result at K={seed} first (put d2c in --strategies)")
                 extra = ["--budget-bytes", ref["storage"]["bytes"]]
+            if strategy in truncations:
+                extra = ["--budget-bytes", input_bytes // seed]
             if strategy == "d2c-rinit":
                 # D2C started from a seeded random partition instead of weight-space k-medoids.
                 extra = ["--init", "random"]
@@ -186,7 +199,7 @@ def run(args: argparse.Namespace) -> None:
             return {
                 "set": set_name,
                 "strategy": strategy,
-                "k": k,
+                "k": n / seed if strategy in truncations else k,
                 "seed": seed,
                 "settings": merge_settings,
                 "merge_seconds": merge_seconds,
@@ -239,7 +252,7 @@ def report(args: argparse.Namespace) -> None:
             m = r["k"] // r["seed"]
             label = f"d2c-bytes ({'' if m == 1 else m}K)"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -364,7 +377,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v"}
+    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v", "truncate": "<", "truncate-energy": ">"}
     for strategy, pts in sorted(points.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy, "."), label=strategy)
@@ -401,6 +414,7 @@ def main() -> None:
     r.add_argument("--max-tokens", type=int, default=12)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--families", help="only the tasks of these families (comma-separated)")
+    r.add_argument("--fractions", metavar="F,F", help="with --strategies truncate,truncate-energy: the byte budgets, as 1/F of the input adapters' bytes (e.g. 2,4,8,16,32)")
     r.add_argument("--byte-budget", metavar="MULTIPLIERS", help="also d2c with --budget-bytes set to the bytes of d2c at each K, with K times each multiplier clusters (e.g. 1,2)")
     rep = sub.add_parser("report")
     rep.add_argument("--families")

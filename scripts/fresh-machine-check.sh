@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Proves the README's two commands on a really fresh machine: a minimal Debian root made with
+# debootstrap (nothing in it but Debian's minbase and the CA certificates any HTTPS client needs),
+# the host's Rust toolchain bind-mounted read-only (rustup's servers are not reachable here, so a
+# toolchain is the one thing brought in), an empty cargo home (crates come from crates.io, as on a
+# new machine), an empty d2c cache, and a fresh clone of this repository's HEAD. Inside it runs
+#   bash scripts/demo.sh     then     bash scripts/test.sh
+# prints each one's wall time, and exits non-zero if either fails.
+#
+#   sudo scripts/fresh-machine-check.sh [--keep] [--suite bookworm]
+# Needs root (debootstrap, chroot, mounts) and about 8 GB of disk. Takes about an hour on 2 cores
+# (llama.cpp is built twice: the crate's copy and llama-server). Not part of CI (it would not fit
+# beside the test run in CI's 90 minutes); run it on every change to what setup installs
+# (scripts/setup.sh, the apt list, Cargo.lock, the Python pins). Commit first: it tests HEAD.
+#   D2C_FRESH_ROOT   where the root is built (default /var/tmp/d2c-fresh-root; wiped first)
+#   DEBIAN_MIRROR    default: the first URI in the host's apt sources, else deb.debian.org
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+
+KEEP=0
+SUITE=bookworm
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep) KEEP=1 ;;
+    --suite) SUITE="$2"; shift ;;
+    *) echo "fresh-machine-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+[ "$(id -u)" -eq 0 ] || { echo "fresh-machine-check: needs root (debootstrap, chroot, mounts)" >&2; exit 2; }
+if ! command -v debootstrap >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null \
+    || { echo "fresh-machine-check: install debootstrap by hand (apt-get install debootstrap)" >&2; exit 1; }
+fi
+RUSTUP_DIR="${RUSTUP_HOME:-$HOME/.rustup}"
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+[ -x "$CARGO_BIN/cargo" ] && [ -d "$RUSTUP_DIR/toolchains" ] \
+  || { echo "fresh-machine-check: no rustup toolchain on the host ($RUSTUP_DIR, $CARGO_BIN)" >&2; exit 1; }
+TOOLCHAIN="$(rustup show active-toolchain | cut -d' ' -f1)"
+
+MIRROR="${DEBIAN_MIRROR:-}"
+if [ -z "$MIRROR" ]; then
+  MIRROR="$(grep -rhoE '^(URIs: |deb )[^ ]*https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+    | grep -v security | head -1 | grep -oE 'https?://[^ ]+' || true)"
+  MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+fi
+
+ROOT="${D2C_FRESH_ROOT:-/var/tmp/d2c-fresh-root}"
+mounted=()
+cleanup() {
+  local m
+  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[$i]}" 2>/dev/null || true; done
+  [ "$KEEP" -eq 1 ] || rm -rf --one-file-system "$ROOT"
+}
+trap cleanup EXIT
+bind() {  # bind SRC DST [ro]
+  mkdir -p "$2"
+  mount --bind "$1" "$2"; mounted+=("$2")
+  [ "${3:-}" != ro ] || mount -o remount,bind,ro "$2"
+}
+
+rm -rf --one-file-system "$ROOT"
+echo "== debootstrap $SUITE (minbase) from $MIRROR into $ROOT" >&2
+t0=$SECONDS
+debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 \
+  || { tail -30 "$ROOT.debootstrap.log" >&2; exit 1; }
+echo "   $((SECONDS - t0)) s" >&2
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+mount -t proc proc "$ROOT/proc"; mounted+=("$ROOT/proc")
+bind /dev "$ROOT/dev"
+mount -t devpts devpts "$ROOT/dev/pts" 2>/dev/null && mounted+=("$ROOT/dev/pts") || true
+mount -t sysfs sys "$ROOT/sys"; mounted+=("$ROOT/sys")
+# The toolchain, read-only: the root's own cargo home starts empty.
+bind "$RUSTUP_DIR" "$ROOT/opt/rustup" ro
+bind "$CARGO_BIN" "$ROOT/opt/cargo-bin" ro
+
+# A fresh clone of what is committed, as a new user gets it.
+git clone -q "$REPO" "$ROOT/root/d2c-gguf"
+
+run_inside() {  # run_inside LABEL COMMAND
+  local label="$1" cmd="$2" t rc
+  echo "== $label: $cmd" >&2
+  t=$SECONDS
+  set +e
+  chroot "$ROOT" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+    PATH=/root/.cargo/bin:/opt/cargo-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    RUSTUP_HOME=/opt/rustup RUSTUP_TOOLCHAIN="$TOOLCHAIN" CARGO_HOME=/root/.cargo \
+    bash -c "cd /root/d2c-gguf && $cmd" >"$ROOT.$label.log" 2>&1
+  rc=$?
+  set -e
+  times+=("$label: $((SECONDS - t)) s, exit $rc")
+  echo "   $label exited $rc after $((SECONDS - t)) s (log: $ROOT.$label.log)" >&2
+  [ "$rc" -eq 0 ] || tail -40 "$ROOT.$label.log" >&2
+  return "$rc"
+}
+times=()
+status=0
+run_inside demo "bash scripts/demo.sh" || status=1
+run_inside test "bash scripts/test.sh" || status=1
+echo "== fresh Debian $SUITE, toolchain $TOOLCHAIN, empty caches:"
+printf '   %s\n' "${times[@]}"
+grep -E '^test result:|passed|failed' "$ROOT.test.log" | tail -3 | sed 's/^/   /' || true
+exit "$status"
