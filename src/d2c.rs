@@ -228,16 +228,17 @@ fn check_out_dir(opts: &MergeRunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Scores keyed by content: (adapter file hash or "base", samples hash). Optionally appended
+/// Scores keyed by content: (base hash and the CPU kernels that score, adapter file hash or
+/// "base", samples hash). Optionally appended
 /// to a file as they are computed, so an interrupted run resumes without rescoring.
 struct ScoreCache {
     map: HashMap<String, (f64, usize)>,
     file: Option<(PathBuf, std::fs::File)>,
-    base_hash: String,
+    scoring_id: String,
 }
 
 impl ScoreCache {
-    fn open(dir: Option<&Path>, base_hash: &str) -> Result<Self> {
+    fn open(dir: Option<&Path>, scoring_id: &str) -> Result<Self> {
         let mut map = HashMap::new();
         let file = match dir {
             None => None,
@@ -266,11 +267,11 @@ impl ScoreCache {
                 Some((path, f))
             }
         };
-        Ok(ScoreCache { map, file, base_hash: base_hash.to_string() })
+        Ok(ScoreCache { map, file, scoring_id: scoring_id.to_string() })
     }
 
     fn key(&self, adapter_hash: &str, samples_hash: &str) -> String {
-        format!("{}:{adapter_hash}:{samples_hash}", self.base_hash)
+        format!("{}:{adapter_hash}:{samples_hash}", self.scoring_id)
     }
 
     fn get(&self, key: &str) -> Option<(f64, usize)> {
@@ -586,6 +587,9 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     timings.insert("read".to_string(), t_start.elapsed().as_secs_f64());
 
     let base_hash = manifest::hash_file(&opts.base)?;
+    let cpu_kernels = crate::llama::cpu_kernels()?;
+    // Another kernel set scores a little differently: its scores are other cache entries.
+    let scoring_id = format!("{base_hash}+{}", &blake3::hash(cpu_kernels.as_bytes()).to_hex()[..16]);
     let base_bytes = std::fs::metadata(&opts.base).map_err(|e| Error::io(&opts.base, e))?.len();
     let out_parent = match opts.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -607,7 +611,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let scorer = Scorer::new(&opts.base, score_opts)?;
     let mut ev = Evaluator {
         scorer,
-        cache: ScoreCache::open(opts.cache.as_deref(), &base_hash)?,
+        cache: ScoreCache::open(opts.cache.as_deref(), &scoring_id)?,
         work_dir: work_dir.clone(),
         loaded: HashMap::new(),
         dtype: opts.dtype,
@@ -867,6 +871,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "tune_methods": opts.tune_methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
             "tune_scales": opts.tune_scales,
             "score_end": opts.score_end.name(),
+            "cpu_kernels": cpu_kernels,
             "objective": "mean over tasks of (nll_merged - nll_own) / (nll_base - nll_own) on the examples",
         }),
         objective: Objective { initial: initial_objective, best: final_objective, best_round },

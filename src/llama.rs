@@ -75,6 +75,19 @@ fn load_cpu_variants() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The CPU kernels llama.cpp runs in this process, as the features of ggml's loaded CPU
+/// backend (`SSE3,SSSE3,AVX,AVX2,...`). Scores are bit-for-bit reproducible for one kernel set
+/// but differ by up to ~0.02 nats per token between sets (other summation orders), so this is
+/// part of every score cache key and of the manifest.
+pub fn cpu_kernels() -> Result<String> {
+    backend()?;
+    Ok(crate::ffi::cpu_backend_features()
+        .into_iter()
+        .map(|(name, value)| if value == "1" { name } else { format!("{name}={value}") })
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
 /// A loaded base model.
 pub struct Model {
     pub path: PathBuf,
