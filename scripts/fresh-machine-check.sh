@@ -68,6 +68,14 @@ debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$ROOT" "$MIRRO
   || { tail -30 "$ROOT.debootstrap.log" >&2; exit 1; }
 echo "   $((SECONDS - t0)) s" >&2
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# The network, not the machine: where HTTPS leaves through a proxy with its own CA (as in the
+# workplace this was written in), the root gets the host's extra CA certificates and pip's
+# setting to use the system store. A machine on the open internet needs neither.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+  chroot "$ROOT" update-ca-certificates >/dev/null 2>&1
+fi
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOT/etc/pip.conf"
 mount -t proc proc "$ROOT/proc"; mounted+=("$ROOT/proc")
 bind /dev "$ROOT/dev"
 mount -t devpts devpts "$ROOT/dev/pts" 2>/dev/null && mounted+=("$ROOT/dev/pts") || true
