@@ -354,6 +354,20 @@ impl LoraAdapter {
         Ok(w)
     }
 
+    /// The storage type these targets were read in, so that rewriting an adapter (cut, merged,
+    /// converted) keeps its size class: the one type they share; Q8_0 when they mix Q8_0 with
+    /// the F16 that Q8_0 writes fall back to for short rows; F32 for any other mix and for
+    /// targets built in memory.
+    pub fn stored_dtype(adapters: &[&LoraAdapter]) -> DType {
+        let types: std::collections::BTreeSet<&'static str> =
+            adapters.iter().flat_map(|a| a.targets.values()).flat_map(|t| [t.a_dtype.name(), t.b_dtype.name()]).collect();
+        match types.into_iter().collect::<Vec<_>>().as_slice() {
+            [one] => one.parse().unwrap_or(DType::F32),
+            [a, b] if (*a, *b) == ("f16", "q8_0") => DType::Q8_0,
+            _ => DType::F32,
+        }
+    }
+
     /// Writes the adapter atomically; refuses to replace any of `inputs`. Returns bytes written.
     pub fn write(&self, path: &Path, dtype: DType, inputs: &[&Path]) -> Result<u64> {
         self.to_gguf(dtype)?.write_atomic(path, inputs)

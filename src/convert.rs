@@ -387,6 +387,15 @@ fn permute_rows(b: &[f32], n_out: usize, rank: usize, n_groups: usize) -> std::r
     Ok(out)
 }
 
+/// The GGUF type that holds a safetensors tensor's values without loss (f64 has none: f32).
+fn stored_as(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
 fn decode_tensor(view: &safetensors::tensor::TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     let data = view.data();
     let values: Vec<f32> = match view.dtype() {
@@ -686,12 +695,15 @@ fn convert_module(
     }
     let a = decode_tensor(a_view).map_err(|r| inv(&field_a, r))?;
     let b = decode_tensor(b_view).map_err(|r| inv(&field_b, r))?;
+    let (a_dtype, b_dtype) = (stored_as(a_view.dtype()), stored_as(b_view.dtype()));
     let scale = config.scale_for(&m.module, rank);
 
     let target = if is_embedding {
         // Common form (see adapter.rs): n_out = vocab, n_in = hidden; delta = (B A)^T.
         let (vocab, hidden) = (a_shape[1], b_shape[0]);
-        LoraTarget::new(crate::adapter::transpose(&b, hidden, rank), crate::adapter::transpose(&a, rank, vocab), rank, hidden, vocab)
+        let mut t = LoraTarget::new(crate::adapter::transpose(&b, hidden, rank), crate::adapter::transpose(&a, rank, vocab), rank, hidden, vocab);
+        (t.a_dtype, t.b_dtype) = (b_dtype, a_dtype);
+        t
     } else {
         let (n_in, n_out) = (a_shape[1], b_shape[0]);
         let b = match placement.permute_heads {
@@ -704,7 +716,9 @@ fn convert_module(
             }
             None => b,
         };
-        LoraTarget::new(a, b, rank, n_in, n_out)
+        let mut t = LoraTarget::new(a, b, rank, n_in, n_out);
+        (t.a_dtype, t.b_dtype) = (a_dtype, b_dtype);
+        t
     };
     Ok((gguf_name, target, scale))
 }
@@ -759,10 +773,11 @@ fn parent_dir(path: &Path) -> PathBuf {
 }
 
 /// Converts, writes to a temporary file next to `output`, and checks it as llama.cpp would.
-fn stage(peft_dir: &Path, base: &BaseModel, output: &Path, dtype: DType) -> Result<Staged> {
+fn stage(peft_dir: &Path, base: &BaseModel, output: &Path, dtype: Option<DType>) -> Result<Staged> {
     let inputs = [peft_dir.join(ADAPTER_WEIGHTS), peft_dir.join(ADAPTER_CONFIG), base.path.clone()];
     fsutil::check_not_input(output, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     let converted = convert_in_memory(peft_dir, base)?;
+    let dtype = dtype.unwrap_or_else(|| LoraAdapter::stored_dtype(&[&converted.adapter]));
     let writer = encode(&converted.adapter, dtype)?;
     let dir = parent_dir(output);
     let mut tmp = tempfile::Builder::new().prefix(".d2c-").suffix(".tmp").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -805,8 +820,9 @@ fn commit(staged: Staged) -> Result<ConvertSummary> {
 }
 
 /// `d2c-gguf convert --peft DIR --base MODEL -o OUT`: one PEFT adapter to one GGUF adapter.
-/// Nothing is written unless the whole conversion and its validation succeed.
-pub fn convert_peft(peft_dir: &Path, base_path: &Path, output: &Path, dtype: DType) -> Result<ConvertSummary> {
+/// Nothing is written unless the whole conversion and its validation succeed. `dtype` None
+/// writes the type the PEFT tensors are stored in (f16, bf16; f32 for f32 and f64).
+pub fn convert_peft(peft_dir: &Path, base_path: &Path, output: &Path, dtype: Option<DType>) -> Result<ConvertSummary> {
     let base = BaseModel::open(base_path)?;
     commit(stage(peft_dir, &base, output, dtype)?)
 }
@@ -832,7 +848,7 @@ pub fn find_peft_dirs(root: &Path) -> Result<Vec<PathBuf>> {
 /// `d2c-gguf convert --peft-dir DIRS --base MODEL -o OUTDIR`: every PEFT adapter directory in
 /// `root` becomes `out_dir/<its name>.gguf`. All or nothing: if any adapter is refused, every
 /// problem is reported and no file is written.
-pub fn convert_peft_dir(root: &Path, base_path: &Path, out_dir: &Path, dtype: DType, progress: bool) -> Result<Vec<ConvertSummary>> {
+pub fn convert_peft_dir(root: &Path, base_path: &Path, out_dir: &Path, dtype: Option<DType>, progress: bool) -> Result<Vec<ConvertSummary>> {
     let base = BaseModel::open(base_path)?;
     let dirs = find_peft_dirs(root)?;
     let created_out_dir = !out_dir.exists();

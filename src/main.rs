@@ -57,9 +57,10 @@ enum Command {
         /// Output .gguf file (--peft) or directory (--peft-dir).
         #[arg(short, long)]
         output: PathBuf,
-        /// Storage type: f32, f16, bf16 or q8_0 (tensors whose rows do not fit Q8_0 blocks get f16).
-        #[arg(long, default_value = "f32")]
-        dtype: DType,
+        /// Storage type: f32, f16, bf16 or q8_0 (tensors whose rows do not fit Q8_0 blocks get
+        /// f16). Default: the type the PEFT tensors are stored in (f16, bf16; f32 for f32/f64).
+        #[arg(long)]
+        dtype: Option<DType>,
     },
     /// Cluster N task adapters into K by their examples (D2C) and write the merged adapters
     /// plus manifest.json.
@@ -152,8 +153,10 @@ enum Command {
         /// One weight per input, comma-separated (default 1/N each: the average of the deltas).
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
         weights: Option<Vec<f32>>,
-        #[arg(long, default_value = "f32")]
-        dtype: DType,
+        /// Storage type of the output: f32, f16, bf16 or q8_0. Default: the inputs' own type
+        /// (f32 when they differ).
+        #[arg(long)]
+        dtype: Option<DType>,
         /// Fraction of entries kept per input by ties and dare.
         #[arg(long, default_value_t = 0.5)]
         density: f32,
@@ -417,11 +420,12 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn merge_adapters_cmd(files: &[PathBuf], opts: &d2c_gguf::merge::MergeOptions, dtype: DType, output: &std::path::Path) -> Result<ExitCode> {
+fn merge_adapters_cmd(files: &[PathBuf], opts: &d2c_gguf::merge::MergeOptions, dtype: Option<DType>, output: &std::path::Path) -> Result<ExitCode> {
     use d2c_gguf::merge;
     let inputs = files.iter().map(LoraAdapter::read).collect::<Result<Vec<_>, _>>()?;
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let refs: Vec<&LoraAdapter> = inputs.iter().collect();
+    let dtype = dtype.unwrap_or_else(|| LoraAdapter::stored_dtype(&refs));
     merge::check_compatible_named(&refs, &names)?;
     if opts.rank.is_some() && !opts.method.uses_rank() {
         eprintln!("note: --rank is ignored by {} (its rank is fixed by the inputs)", opts.method);

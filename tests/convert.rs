@@ -60,7 +60,7 @@ fn rel_diff(x: &[f32], y: &[f32]) -> f32 {
 fn convert_to(dir: &Path, family_case: (&str, &str), dtype: DType) -> (PathBuf, convert::ConvertSummary) {
     let (family, case) = family_case;
     let out = dir.join(format!("{family}-{case}.gguf"));
-    let summary = convert::convert_peft(&case_dir(family, case).join("peft"), &base_of(family), &out, dtype)
+    let summary = convert::convert_peft(&case_dir(family, case).join("peft"), &base_of(family), &out, Some(dtype))
         .unwrap_or_else(|e| panic!("{family}/{case}: {e}"));
     (out, summary)
 }
@@ -232,7 +232,7 @@ fn smollm2_output_changes_exactly_as_with_the_reference() {
     let reference = case.join("reference.gguf");
     // The reference is F16: in F16 ours is the same bytes, tensor for tensor.
     let ours_f16 = dir.path().join("smollm2-f16.gguf");
-    convert::convert_peft(&case.join("peft"), &base, &ours_f16, DType::F16).unwrap();
+    convert::convert_peft(&case.join("peft"), &base, &ours_f16, Some(DType::F16)).unwrap();
     let (a, b) = (GgufFile::open(&ours_f16).unwrap(), GgufFile::open(&reference).unwrap());
     assert_eq!(a.tensors.len(), b.tensors.len());
     for t in &b.tensors {
@@ -251,7 +251,7 @@ fn smollm2_output_changes_exactly_as_with_the_reference() {
     // In F32 (llama.cpp then computes the LoRA product in another precision, so logits are not
     // comparable bit for bit) the deltas are PEFT's.
     let ours_f32 = dir.path().join("smollm2-f32.gguf");
-    convert::convert_peft(&case.join("peft"), &base, &ours_f32, DType::F32).unwrap();
+    convert::convert_peft(&case.join("peft"), &base, &ours_f32, Some(DType::F32)).unwrap();
     assert_matches_peft_at(&case, &LoraAdapter::read(&ours_f32).unwrap());
 }
 
@@ -293,7 +293,7 @@ fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, (safetensors
 /// leave the output directory exactly as it was (empty).
 fn assert_refused(peft: &Path, base: &Path, out_dir: &Path, file_part: &str, reason_parts: &[&str]) {
     let out = out_dir.join("out.gguf");
-    let err = convert::convert_peft(peft, base, &out, DType::F32).expect_err("conversion should be refused").to_string();
+    let err = convert::convert_peft(peft, base, &out, Some(DType::F32)).expect_err("conversion should be refused").to_string();
     assert!(err.contains(file_part), "error should name {file_part}: {err}");
     for part in reason_parts {
         assert!(err.contains(part), "error should say {part:?}: {err}");
@@ -454,4 +454,40 @@ fn cli_converts_one_and_a_directory_of_adapters() {
     let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&peft), "--base", path_str(&base_of("gemma3")), "-o", path_str(&inside)]);
     assert_eq!(code, 1);
     assert!(stderr.contains("refusing to write"), "{stderr}");
+}
+
+#[test]
+fn without_dtype_the_output_keeps_the_inputs_storage_type() {
+    let base = common::base_model();
+    let dir = tempdir();
+    let case = fixtures().join("smollm2");
+    // The PEFT tensors are f16: converting without --dtype writes f16, the reference's bytes.
+    let out = dir.path().join("default.gguf");
+    let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&out)]);
+    assert_eq!(code, 0, "{stderr}");
+    let (a, b) = (GgufFile::open(&out).unwrap(), GgufFile::open(&case.join("reference.gguf")).unwrap());
+    for t in &b.tensors {
+        let mine = a.tensor(&t.name).unwrap_or_else(|| panic!("missing {}", t.name));
+        assert_eq!(mine.ggml_type, t.ggml_type, "{}", t.name);
+    }
+    let explicit = dir.path().join("explicit-f16.gguf");
+    let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&explicit), "--dtype", "f16"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&explicit).unwrap(), "default differs from --dtype f16");
+    // Merging or cutting f16 adapters without --dtype writes f16 too: a rank-1 cut of this
+    // rank-2 adapter is about half its size (in f32 it would be about the same size).
+    let cut = dir.path().join("cut.gguf");
+    let (code, _, stderr) = run_cli(&["merge-adapters", "--method", "svd", "--rank", "1", path_str(&out), "-o", path_str(&cut)]);
+    assert_eq!(code, 0, "{stderr}");
+    let cut_file = GgufFile::open(&cut).unwrap();
+    assert!(cut_file.tensors.iter().all(|t| t.ggml_type == d2c_gguf::ffi::GGML_TYPE_F16), "cut adapter is not all f16");
+    let (full, half) = (std::fs::metadata(&out).unwrap().len(), std::fs::metadata(&cut).unwrap().len());
+    let rank = LoraAdapter::read(&out).unwrap().max_rank();
+    assert_eq!(rank, 2);
+    assert!(half < full * 3 / 5, "rank {rank} -> 1 in f16: {half} bytes of {full}");
+    // An explicit --dtype still wins.
+    let f32_out = dir.path().join("f32.gguf");
+    let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&f32_out), "--dtype", "f32"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(GgufFile::open(&f32_out).unwrap().tensors.iter().all(|t| t.ggml_type == d2c_gguf::ffi::GGML_TYPE_F32));
 }
