@@ -7,10 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FRACS="${1:-2,4,8,16}"
-setup_out="$(mktemp)"
-bash scripts/setup.sh > "$setup_out"
-eval "$(grep '^D2C_' "$setup_out" | sed 's/^/export /')"
-rm -f "$setup_out"
+. scripts/setup-env.sh
+d2c_setup_env
 cargo build -q --release --locked --bin d2c-gguf
 BIN=target/release/d2c-gguf
 SET=scripts/demo-set

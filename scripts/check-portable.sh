@@ -12,10 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-Nehalem}"
 TOL="${2:-0.03}"
-setup_out="$(mktemp)"
-bash scripts/setup.sh > "$setup_out"
-eval "$(grep '^D2C_' "$setup_out" | sed 's/^/export /')"
-rm -f "$setup_out"
+. scripts/setup-env.sh
+d2c_setup_env
 if ! command -v qemu-x86_64 >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-user >/dev/null; } \

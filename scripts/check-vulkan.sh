@@ -11,10 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOL="${1:-0.02}"
-setup_out="$(mktemp)"
-bash scripts/setup.sh > "$setup_out"
-eval "$(grep '^D2C_' "$setup_out" | sed 's/^/export /')"
-rm -f "$setup_out"
+. scripts/setup-env.sh
+d2c_setup_env
 
 need=()
 dpkg -s mesa-vulkan-drivers >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
