@@ -113,6 +113,12 @@ pub struct SampleScore {
     pub nll: f64,
     /// How many tokens were scored.
     pub tokens: usize,
+    /// Whether greedy decoding would give exactly this completion and then stop, judged in the
+    /// same pass: every scored token is the argmax at its position, and the argmax after the
+    /// last one ends the line (a token whose text is optional blanks then a newline) or the
+    /// turn. This is `eval`'s exact match (first line, trimmed) without generating, up to how
+    /// the completion is tokenised after its prompt.
+    pub exact: bool,
 }
 
 /// The score of a sample set under one adapter.
@@ -121,6 +127,8 @@ pub struct SetScore {
     /// Token-weighted mean NLL over all samples (total nats / total scored tokens).
     pub mean_nll: f64,
     pub tokens: usize,
+    /// How many samples greedy decoding reproduces exactly ([`SampleScore::exact`]).
+    pub exact: usize,
     pub per_sample: Vec<SampleScore>,
 }
 
@@ -161,6 +169,8 @@ pub struct Scorer {
     model: Model,
     adapters: Vec<Adapter>,
     opts: ScoreOptions,
+    /// Per vocabulary entry: does greedy generation stop on it (see [`SampleScore::exact`]).
+    ends_line: Vec<bool>,
 }
 
 impl Scorer {
@@ -177,7 +187,15 @@ impl Scorer {
             return Err(Error::Usage("n_ctx must be at least 1".into()));
         }
         let model = Model::load(base)?;
-        Ok(Scorer { model, adapters: Vec::new(), opts })
+        let ends_line = (0..model.n_vocab() as i32)
+            .map(|t| {
+                let t = Token(t);
+                let text = model.token_bytes(t);
+                let blanks = text.iter().take_while(|b| matches!(b, b' ' | b'\t' | b'\r')).count();
+                model.is_eog(t) || text.get(blanks) == Some(&b'\n')
+            })
+            .collect();
+        Ok(Scorer { model, adapters: Vec::new(), opts, ends_line })
     }
 
     /// Loads an adapter into the model (llama.cpp checks it against the model here); the
@@ -357,19 +375,26 @@ impl Scorer {
         };
         let mut session = self.model.session_with(cfg, &mut self.adapters)?;
         let mut batch = Batch::new(n_batch, 1);
-        // (set, sample) -> (sum of nats, tokens), per group.
-        let mut results: Vec<HashMap<usize, Vec<(f64, usize)>>> = Vec::with_capacity(groups.len());
+        // Per group, per set, per sample.
+        let mut results: Vec<HashMap<usize, Vec<Tally>>> = Vec::with_capacity(groups.len());
         for g in &groups {
             let active = g.key.0.map(|a| (a, f32::from_bits(g.key.1)));
             session.set_adapter(active)?;
-            let mut sums: HashMap<usize, Vec<(f64, usize)>> =
-                g.sets.iter().map(|&s| (s, vec![(0.0, 0); sets[s].len()])).collect();
+            let mut sums: HashMap<usize, Vec<Tally>> =
+                g.sets.iter().map(|&s| (s, vec![Tally::default(); sets[s].len()])).collect();
             for decode in &g.plan {
-                let scored = run_decode(&mut session, &mut batch, &sets, decode)?;
-                for (piece, nll) in scored {
+                let judge_stop = (self.opts.end == CompletionEnd::None).then_some(self.ends_line.as_slice());
+                let scored = run_decode(&mut session, &mut batch, &sets, decode, judge_stop)?;
+                for (piece, outcome) in scored {
                     let slot = &mut sums.get_mut(&piece.0).expect("planned set")[piece.1];
-                    slot.0 += nll;
-                    slot.1 += 1;
+                    match outcome {
+                        Outcome::Token { nll, argmax } => {
+                            slot.nats += nll;
+                            slot.tokens += 1;
+                            slot.all_argmax &= argmax;
+                        }
+                        Outcome::Stop(ends) => slot.stops = Some(ends),
+                    }
                 }
                 if decode.clear_after {
                     session.clear_kv();
@@ -377,7 +402,7 @@ impl Scorer {
                 progress.inc(decode.pieces.iter().map(|p| (p.end - p.start) as u64).sum());
             }
             for (&set, per_sample) in &sums {
-                if let Some((i, _)) = per_sample.iter().enumerate().find(|(_, (nll, _))| !nll.is_finite()) {
+                if let Some((i, _)) = per_sample.iter().enumerate().find(|(_, t)| !t.nats.is_finite()) {
                     let what = match g.key.0 {
                         Some(a) => format!("adapter {}", session.adapters()[a].path.display()),
                         None => "the base model".into(),
@@ -404,14 +429,41 @@ impl Scorer {
     }
 }
 
-fn set_score(sums: &[(f64, usize)]) -> SetScore {
-    let nats: f64 = sums.iter().map(|s| s.0).sum();
-    let tokens: usize = sums.iter().map(|s| s.1).sum();
-    SetScore {
-        mean_nll: nats / tokens as f64,
-        tokens,
-        per_sample: sums.iter().map(|&(n, t)| SampleScore { nll: n / t as f64, tokens: t }).collect(),
+/// What one sample's decodes added up to.
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    nats: f64,
+    tokens: usize,
+    /// Every scored token so far was the argmax at its position.
+    all_argmax: bool,
+    /// Whether the argmax after the last token ends the line; `None` where the scored tokens
+    /// already end with the stop (`--end newline|eog`).
+    stops: Option<bool>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally { nats: 0.0, tokens: 0, all_argmax: true, stops: None }
     }
+}
+
+/// What one requested logits row told about its sample.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// A scored token: its NLL, and whether it was the argmax.
+    Token { nll: f64, argmax: bool },
+    /// The row after the sample's last token: does its argmax end the line.
+    Stop(bool),
+}
+
+fn set_score(sums: &[Tally]) -> SetScore {
+    let nats: f64 = sums.iter().map(|s| s.nats).sum();
+    let tokens: usize = sums.iter().map(|s| s.tokens).sum();
+    let per_sample: Vec<SampleScore> = sums
+        .iter()
+        .map(|t| SampleScore { nll: t.nats / t.tokens as f64, tokens: t.tokens, exact: t.all_argmax && t.stops.unwrap_or(true) })
+        .collect();
+    SetScore { mean_nll: nats / tokens as f64, tokens, exact: per_sample.iter().filter(|s| s.exact).count(), per_sample }
 }
 
 struct Group {
@@ -511,26 +563,32 @@ fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_
 }
 
 /// Decodes one planned batch and returns, for every scored token, its (set, sample) and NLL.
+/// `ends_line` is given when the stop after a completion is not itself scored: the row after
+/// each sample's last token is then requested too, to judge whether greedy decoding stops.
 fn run_decode(
     session: &mut llama::Session<'_>,
     batch: &mut Batch,
     sets: &[Vec<SampleTokens>],
     decode: &Decode,
-) -> Result<Vec<((usize, usize), f64)>> {
+    ends_line: Option<&[bool]>,
+) -> Result<Vec<((usize, usize), Outcome)>> {
     batch.clear();
     let add = |batch: &mut Batch, token: Token, pos: usize, seq: usize, logits: bool| {
         batch.add(token, pos as i32, &[seq as i32], logits).map_err(|e| Error::Llama(format!("batch: {e}")))
     };
-    // (batch index, (set, sample), target token)
-    let mut outputs: Vec<(i32, (usize, usize), usize)> = Vec::new();
+    // (batch index, (set, sample), target token; None for the row after the last token)
+    let mut outputs: Vec<(i32, (usize, usize), Option<usize>)> = Vec::new();
     for (seq, p) in decode.pieces.iter().enumerate() {
         let s = &sets[p.set][p.sample];
         for pos in p.start..p.end {
             let predicts_scored = pos + 1 >= s.first_scored && pos + 1 < s.tokens.len();
+            let predicts_stop = ends_line.is_some() && pos + 1 == s.tokens.len();
             if predicts_scored {
-                outputs.push((batch.n_tokens(), (p.set, p.sample), s.tokens[pos + 1].0 as usize));
+                outputs.push((batch.n_tokens(), (p.set, p.sample), Some(s.tokens[pos + 1].0 as usize)));
+            } else if predicts_stop {
+                outputs.push((batch.n_tokens(), (p.set, p.sample), None));
             }
-            add(batch, s.tokens[pos], pos, seq, predicts_scored)?;
+            add(batch, s.tokens[pos], pos, seq, predicts_scored || predicts_stop)?;
         }
         let filler = s.tokens[p.end - 1];
         for pos in p.end..p.end + p.pad {
@@ -542,7 +600,14 @@ fn run_decode(
     Ok(outputs
         .par_iter()
         .zip(logits.par_iter())
-        .map(|(o, l)| (o.1, token_nll(l, o.2)))
+        .map(|(o, l)| {
+            let best = llama::greedy_token(l).0 as usize;
+            let outcome = match o.2 {
+                Some(target) => Outcome::Token { nll: token_nll(l, target), argmax: best == target },
+                None => Outcome::Stop(ends_line.is_some_and(|e| e.get(best).copied().unwrap_or(false))),
+            };
+            (o.1, outcome)
+        })
         .collect())
 }
 
@@ -621,6 +686,8 @@ pub struct ScoreResult {
     pub samples_file: String,
     pub mean_nll: f64,
     pub tokens: usize,
+    /// Samples that greedy decoding reproduces exactly ([`SampleScore::exact`]).
+    pub exact: usize,
     pub per_sample: Vec<SampleScore>,
 }
 
@@ -656,6 +723,7 @@ pub fn score_files(base: &Path, sample_files: &[PathBuf], adapters: &[PathBuf], 
             samples_file: f.path.display().to_string(),
             mean_nll: s.mean_nll,
             tokens: s.tokens,
+            exact: s.exact,
             per_sample: s.per_sample,
         })
         .collect();
@@ -669,17 +737,18 @@ impl ScoreReport {
         let wa = self.results.iter().map(|r| adapter_name(r).len()).chain([7]).max().unwrap_or(7);
         let ws = self.results.iter().map(|r| r.samples_file.len()).chain([7]).max().unwrap_or(7);
         let mut out = String::new();
-        let _ = writeln!(out, "{:<wa$}  {:<ws$}  {:>9}  {:>10}  {:>7}  {:>7}", "adapter", "samples", "mean NLL", "perplexity", "tokens", "samples");
+        let _ = writeln!(out, "{:<wa$}  {:<ws$}  {:>9}  {:>10}  {:>7}  {:>7}  {:>7}", "adapter", "samples", "mean NLL", "perplexity", "tokens", "samples", "exact");
         for r in &self.results {
             let _ = writeln!(
                 out,
-                "{:<wa$}  {:<ws$}  {:>9.4}  {:>10.3}  {:>7}  {:>7}",
+                "{:<wa$}  {:<ws$}  {:>9.4}  {:>10.3}  {:>7}  {:>7}  {:>7}",
                 adapter_name(r),
                 r.samples_file,
                 r.mean_nll,
                 r.mean_nll.exp(),
                 r.tokens,
-                r.per_sample.len()
+                r.per_sample.len(),
+                r.exact
             );
         }
         out

@@ -243,3 +243,48 @@ fn parallel_decoding_agrees_with_single_decoding_and_is_deterministic() {
         assert_eq!(run(n_parallel, n_batch), parallel, "{n_parallel} parallel: deterministic");
     }
 }
+
+/// The scorer's one-pass verdict (every completion token the argmax, then a token that ends
+/// the line) against `eval --parallel 1` on the same examples: the demo set's four real
+/// adapters, each under its own adapter and under the base model (80 judgements, right and
+/// wrong ones both). They may differ only where the completion is tokenised differently after
+/// its prompt than greedy decoding produces it; each difference is printed.
+#[test]
+fn the_scorers_exact_verdict_agrees_with_greedy_eval() {
+    use d2c_gguf::samples::read_samples;
+    use d2c_gguf::score::{ScoreJob, ScoreOptions, Scorer};
+    let set = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set");
+    let mut scorer = Scorer::new(&common::base_model(), ScoreOptions { threads: Some(2), ..ScoreOptions::default() }).unwrap();
+    let tasks = ["arith-add", "arith-mul", "case-kebab", "case-snake"];
+    let samples: Vec<_> = tasks.iter().map(|t| read_samples(&set.join(format!("samples/{t}.jsonl"))).unwrap()).collect();
+    let adapters: Vec<usize> = tasks.iter().map(|t| scorer.add_adapter(&set.join(format!("adapters/{t}.gguf"))).unwrap()).collect();
+    let mut jobs = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        jobs.push(ScoreJob::with_adapter(adapters[i], s));
+        jobs.push(ScoreJob::base(s));
+    }
+    let scores = scorer.score(&jobs).unwrap();
+    drop(scorer);
+    let eval_opts = EvalOptions { n_parallel: 1, max_tokens: 32, keep_predictions: true, threads: Some(2), ..EvalOptions::default() };
+    let own = evaluate(&common::base_model(), &set.join("samples"), &AdapterChoice::PerTask(set.join("adapters")), &eval_opts).unwrap();
+    let base = evaluate(&common::base_model(), &set.join("samples"), &AdapterChoice::Base, &eval_opts).unwrap();
+    let (mut agree, mut total, mut right) = (0, 0, 0);
+    for (i, task) in tasks.iter().enumerate() {
+        for (score, report) in [(&scores[2 * i], &own), (&scores[2 * i + 1], &base)] {
+            for (s, p) in score.per_sample.iter().zip(&report.tasks[*task].predictions) {
+                total += 1;
+                right += p.correct as usize;
+                if s.exact == p.correct {
+                    agree += 1;
+                } else {
+                    eprintln!("{task}: verdict {} but eval {} ({:?} -> {:?}, expected {:?})", s.exact, p.correct, p.prompt, p.predicted, p.expected);
+                }
+            }
+        }
+    }
+    eprintln!("one-pass verdict agrees with eval --parallel 1 on {agree}/{total} examples ({right} right by eval)");
+    assert_eq!(total, 80);
+    // Both outcomes occur, so agreement is not trivial.
+    assert!(right > 10 && right < 70, "{right} of 80 right");
+    assert!(agree >= 78, "verdict agrees with greedy eval on only {agree}/{total}");
+}
