@@ -7,7 +7,10 @@
 #   bash scripts/demo.sh     then     bash scripts/test.sh
 # prints each one's wall time, and exits non-zero if either fails.
 #
-#   sudo scripts/fresh-machine-check.sh [--keep] [--suite bookworm]
+#   sudo scripts/fresh-machine-check.sh [--keep] [--suite bookworm] [--reuse] [--phases demo,test]
+#   --keep    leave the root (and its caches) in place afterwards
+#   --reuse   start from a root kept by an earlier --keep run (its caches warm, its clone moved
+#             to HEAD) instead of a new one: for rerunning a phase, not for first-run times
 # Needs root (debootstrap, chroot, mounts) and about 8 GB of disk. Takes about an hour on 2 cores
 # (llama.cpp is built twice: the crate's copy and llama-server). Not part of CI (it would not fit
 # beside the test run in CI's 90 minutes); run it on every change to what setup installs
@@ -19,11 +22,15 @@ cd "$(dirname "$0")/.."
 REPO="$PWD"
 
 KEEP=0
+REUSE=0
 SUITE=bookworm
+PHASES=demo,test
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) KEEP=1 ;;
+    --reuse) REUSE=1 ;;
     --suite) SUITE="$2"; shift ;;
+    --phases) PHASES="$2"; shift ;;
     *) echo "fresh-machine-check: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -61,12 +68,19 @@ bind() {  # bind SRC DST [ro]
   [ "${3:-}" != ro ] || mount -o remount,bind,ro "$2"
 }
 
-rm -rf --one-file-system "$ROOT"
-echo "== debootstrap $SUITE (minbase) from $MIRROR into $ROOT" >&2
-t0=$SECONDS
-debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 \
-  || { tail -30 "$ROOT.debootstrap.log" >&2; exit 1; }
-echo "   $((SECONDS - t0)) s" >&2
+if [ "$REUSE" -eq 1 ]; then
+  [ -d "$ROOT/root/d2c-gguf/.git" ] || { echo "fresh-machine-check: --reuse needs a root kept by --keep at $ROOT" >&2; exit 2; }
+else
+  rm -rf --one-file-system "$ROOT"
+  echo "== debootstrap $SUITE (minbase) from $MIRROR into $ROOT" >&2
+  t0=$SECONDS
+  debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 \
+    || { tail -30 "$ROOT.debootstrap.log" >&2; exit 1; }
+  echo "   $((SECONDS - t0)) s" >&2
+fi
+# The root must be a mount point, as / is on a machine: `unshare -m --propagation private`
+# (the fault tests' private tmpfs) refuses a root that is only a chroot directory.
+mount --bind "$ROOT" "$ROOT"; mounted+=("$ROOT")
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # The network, not the machine: where HTTPS leaves through a proxy with its own CA (as in the
 # workplace this was written in), the root gets the host's extra CA certificates and pip's
@@ -85,7 +99,11 @@ bind "$RUSTUP_DIR" "$ROOT/opt/rustup" ro
 bind "$CARGO_BIN" "$ROOT/opt/cargo-bin" ro
 
 # A fresh clone of what is committed, as a new user gets it.
-git clone -q "$REPO" "$ROOT/root/d2c-gguf"
+if [ "$REUSE" -eq 1 ]; then
+  git -C "$ROOT/root/d2c-gguf" fetch -q "$REPO" HEAD && git -C "$ROOT/root/d2c-gguf" reset -q --hard FETCH_HEAD
+else
+  git clone -q "$REPO" "$ROOT/root/d2c-gguf"
+fi
 
 run_inside() {  # run_inside LABEL COMMAND
   local label="$1" cmd="$2" t rc
@@ -105,9 +123,10 @@ run_inside() {  # run_inside LABEL COMMAND
 }
 times=()
 status=0
-run_inside demo "bash scripts/demo.sh" || status=1
-run_inside test "bash scripts/test.sh" || status=1
-echo "== fresh Debian $SUITE, toolchain $TOOLCHAIN, empty caches:"
+case ",$PHASES," in *,demo,*) run_inside demo "bash scripts/demo.sh" || status=1 ;; esac
+case ",$PHASES," in *,test,*) run_inside test "bash scripts/test.sh" || status=1 ;; esac
+[ "$REUSE" -eq 1 ] && what="a reused root (caches warm)" || what="empty caches"
+echo "== fresh Debian $SUITE, toolchain $TOOLCHAIN, $what, HEAD $(git -C "$ROOT/root/d2c-gguf" rev-parse --short HEAD):"
 printf '   %s\n' "${times[@]}"
 grep -E '^test result:|passed|failed' "$ROOT.test.log" | tail -3 | sed 's/^/   /' || true
 exit "$status"
