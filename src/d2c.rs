@@ -509,6 +509,28 @@ pub fn reassign(assign: &[usize], regrets: &[Vec<f64>]) -> Assignment {
     next
 }
 
+/// Swaps tried exactly (two clusters re-merged and scored each) once the move rule is stuck.
+const SWAP_CANDIDATES: usize = 8;
+
+/// Pairs of tasks in different clusters, most promising swap first by the scores at hand: how
+/// much each would gain under the other's current cluster adapter (biased against the move,
+/// since neither adapter holds the arriving task's delta, but it ranks the pairs).
+fn swap_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<(usize, usize)> {
+    let n = assign.len();
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let (a, b) = (assign[i], assign[j]);
+            if a != b {
+                let change = regrets[i][b] - regrets[i][a] + regrets[j][a] - regrets[j][b];
+                pairs.push((if change.is_finite() { change } else { f64::INFINITY }, i, j));
+            }
+        }
+    }
+    pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    pairs.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
+}
+
 /// Normalised regret; a task whose own adapter is no better than the base on its examples
 /// (denominator <= 0) is measured in raw NLL difference instead, so it still counts.
 fn regret(nll: f64, own: f64, base: f64) -> f64 {
@@ -734,12 +756,42 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         if round == max_rounds {
             break;
         }
-        let next = cluster::canonical(&reassign(&assign, &regrets), k);
-        if next == assign {
-            break; // no task is better served elsewhere: converged
-        }
-        if seen.contains(&next) {
-            break;
+        let mut next = cluster::canonical(&reassign(&assign, &regrets), k);
+        if next == assign || seen.contains(&next) {
+            // The move rule judges a task under the other clusters' current adapters, which
+            // lack its own delta, so a symmetric mix (each task best served at home) never
+            // moves. Swaps are judged with both tasks inside instead: both clusters re-merged
+            // and their members scored, the few most promising ones only.
+            let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+            let mut best_swap: Option<(f64, Assignment)> = None;
+            for (i, j) in swap_candidates(&assign, &regrets, SWAP_CANDIDATES) {
+                let mut trial = assign.clone();
+                trial.swap(i, j);
+                let trial = cluster::canonical(&trial, k);
+                if seen.contains(&trial) {
+                    continue;
+                }
+                let mut change = 0.0;
+                for c in [trial[i], trial[j]] {
+                    let members: Vec<usize> = (0..n).filter(|&t| trial[t] == c).collect();
+                    let member_tasks: Vec<&Task> = members.iter().map(|&t| &tasks[t]).collect();
+                    let (_, nll) = eval_cluster(&mut ev, &members, opts.method, 1.0, rank, &member_tasks)?;
+                    for (m, &t) in members.iter().enumerate() {
+                        change += regret(nll[m], nll_own[t], nll_base[t]) - own_regret[t];
+                    }
+                }
+                if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
+                    best_swap = Some((change, trial));
+                }
+            }
+            if let Some(last) = rounds.last_mut() {
+                last.scored_sequences += ev.scored_sequences - seq0;
+                last.cached_sequences += ev.cached_sequences - cached0;
+            }
+            match best_swap {
+                Some((_, trial)) => next = trial,
+                None => break, // neither a move nor a swap helps: converged
+            }
         }
         assign = next;
     }
@@ -990,6 +1042,21 @@ mod tests {
         let next = reassign(&assign, &regrets);
         let moved: Vec<usize> = (0..4).filter(|&i| next[i] != assign[i]).collect();
         assert_eq!(moved, vec![0], "only the best move between two clusters: {next:?}");
+    }
+
+    #[test]
+    fn a_symmetric_mix_offers_the_swap_that_unmixes_it() {
+        // Tasks 0, 1 belong together, as do 2, 3, but the clusters are {0, 2} and {1, 3}: each
+        // task is served best at home (its own delta is there), so no single move is proposed.
+        let assign = vec![0, 1, 0, 1];
+        let regrets = vec![vec![0.2, 0.5], vec![0.5, 0.2], vec![0.2, 0.6], vec![0.6, 0.2]];
+        assert_eq!(reassign(&assign, &regrets), assign);
+        let swaps = swap_candidates(&assign, &regrets, 8);
+        // Every cross-cluster pair is a candidate, and swapping 1 with 2 (or 0 with 3) is there.
+        assert_eq!(swaps.len(), 4);
+        assert!(swaps.contains(&(1, 2)) && swaps.contains(&(0, 3)));
+        assert!(swap_candidates(&assign, &regrets, 1).len() == 1);
+        assert!(swap_candidates(&[0, 0, 0], &[vec![0.1], vec![0.1], vec![0.1]], 8).is_empty());
     }
 
     #[test]
