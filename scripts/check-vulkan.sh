@@ -26,6 +26,17 @@ if [ ${#need[@]} -gt 0 ]; then
     || { echo "check-vulkan: install ${need[*]} by hand" >&2; exit 1; }
 fi
 
+# The vendored ggml-vulkan uses VK_EXT_layer_settings (vk::LayerSettingEXT), which the Vulkan
+# headers have from 1.3.261 on. Debian 12 ships 1.3.239: there the build fails in
+# ggml-vulkan.cpp ("'LayerSettingEXT' is not a member of 'vk'"). Say so before 20 minutes of
+# compiling; Debian 13 (trixie) and Ubuntu 24.04 ship new enough headers.
+header_version=$(sed -n 's/^#define VK_HEADER_VERSION \([0-9]*\).*/\1/p' /usr/include/vulkan/vulkan_core.h 2>/dev/null | head -1)
+if [ -z "$header_version" ] || [ "$header_version" -lt 261 ]; then
+  echo "check-vulkan: Vulkan headers 1.3.${header_version:-?} are too old for ggml-vulkan (needs >= 1.3.261, VK_EXT_layer_settings);" >&2
+  echo "check-vulkan: install libvulkan-dev >= 1.3.261 (Debian 13, Ubuntu 24.04) or point VULKAN_SDK at a newer SDK" >&2
+  [ -n "${VULKAN_SDK:-}" ] || exit 1
+fi
+
 OUT=target/vulkan-check
 mkdir -p "$OUT"
 t0=$SECONDS
