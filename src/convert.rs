@@ -765,13 +765,6 @@ struct Staged {
     summary: ConvertSummary,
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// Converts, writes to a temporary file next to `output`, and checks it as llama.cpp would.
 fn stage(peft_dir: &Path, base: &BaseModel, output: &Path, dtype: Option<DType>) -> Result<Staged> {
     let inputs = [peft_dir.join(ADAPTER_WEIGHTS), peft_dir.join(ADAPTER_CONFIG), base.path.clone()];
@@ -779,7 +772,7 @@ fn stage(peft_dir: &Path, base: &BaseModel, output: &Path, dtype: Option<DType>)
     let converted = convert_in_memory(peft_dir, base)?;
     let dtype = dtype.unwrap_or_else(|| LoraAdapter::stored_dtype(&[&converted.adapter]));
     let writer = encode(&converted.adapter, dtype)?;
-    let dir = parent_dir(output);
+    let dir = fsutil::parent_dir(output);
     let mut tmp = tempfile::Builder::new().prefix(".d2c-").suffix(".tmp").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
     let bytes = {
         let mut w = BufWriter::new(tmp.as_file_mut());

@@ -613,10 +613,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     // Another kernel set scores a little differently: its scores are other cache entries.
     let scoring_id = format!("{base_hash}+{}", &blake3::hash(cpu_kernels.as_bytes()).to_hex()[..16]);
     let base_bytes = std::fs::metadata(&opts.base).map_err(|e| Error::io(&opts.base, e))?.len();
-    let out_parent = match opts.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let out_parent = crate::fsutil::parent_dir(&opts.out);
     std::fs::create_dir_all(&out_parent).map_err(|e| Error::io(&out_parent, e))?;
     remove_dead_staging(&out_parent);
     // Everything is built in a hidden sibling of --out and moved into place at the very end.

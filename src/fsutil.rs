@@ -28,7 +28,9 @@ pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
+/// The directory a file at `path` lives in (`.` for a bare file name): where its temporary
+/// sibling is created, so that the final rename stays on one filesystem.
+pub fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
