@@ -100,6 +100,15 @@ impl FromStr for Init {
     }
 }
 
+impl fmt::Display for Init {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Init::Kmeans => "kmeans",
+            Init::Random => "random",
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MergeRunOptions {
     pub base: PathBuf,
@@ -912,7 +921,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "rank": rank,
             "method": opts.method.to_string(),
             "strategy": opts.strategy.to_string(),
-            "init": match opts.init { Init::Kmeans => "kmeans", Init::Random => "random" },
+            "init": opts.init.to_string(),
             "rounds": opts.rounds,
             "seed": opts.seed,
             "dtype": opts.dtype.name(),
