@@ -359,11 +359,11 @@ impl LoraAdapter {
     /// the F16 that Q8_0 writes fall back to for short rows; F32 for any other mix and for
     /// targets built in memory.
     pub fn stored_dtype(adapters: &[&LoraAdapter]) -> DType {
-        let types: std::collections::BTreeSet<&'static str> =
-            adapters.iter().flat_map(|a| a.targets.values()).flat_map(|t| [t.a_dtype.name(), t.b_dtype.name()]).collect();
+        let types: std::collections::BTreeSet<DType> =
+            adapters.iter().flat_map(|a| a.targets.values()).flat_map(|t| [t.a_dtype, t.b_dtype]).collect();
         match types.into_iter().collect::<Vec<_>>().as_slice() {
-            [one] => one.parse().unwrap_or(DType::F32),
-            [a, b] if (*a, *b) == ("f16", "q8_0") => DType::Q8_0,
+            [one] => *one,
+            [DType::F16, DType::Q8_0] => DType::Q8_0,
             _ => DType::F32,
         }
     }

@@ -49,6 +49,16 @@ pub fn uniform_ranks(adapter: &LoraAdapter, rank: usize) -> TargetRanks {
     adapter.targets.iter().map(|(name, t)| (name.clone(), rank.min(t.rank))).collect()
 }
 
+/// `adapter` with every target cut to `rank`; an adapter already at or below it is returned
+/// as it is (not re-expressed), exactly as `merge` ships its own adapters.
+pub fn cut_to_rank(adapter: &LoraAdapter, rank: usize) -> Result<LoraAdapter> {
+    if adapter.max_rank() <= rank {
+        Ok(adapter.clone())
+    } else {
+        truncate_to(adapter, &uniform_ranks(adapter, rank))
+    }
+}
+
 /// Squared singular values of every target's delta, non-increasing.
 pub fn spectra(adapter: &LoraAdapter) -> Result<BTreeMap<String, Vec<f64>>> {
     adapter
@@ -59,16 +69,12 @@ pub fn spectra(adapter: &LoraAdapter) -> Result<BTreeMap<String, Vec<f64>>> {
 }
 
 /// The largest rank `r` such that every adapter with every target cut to `r` fits in
-/// `budget_bytes` as written in `dtype`; with the adapters at that rank. An adapter already at
-/// or below `r` is kept as it is (not re-expressed), exactly as `merge` ships it.
+/// `budget_bytes` as written in `dtype`; with the adapters at that rank ([`cut_to_rank`]).
 pub fn largest_uniform_rank(adapters: &[&LoraAdapter], dtype: DType, budget_bytes: u64) -> Result<(usize, Vec<LoraAdapter>)> {
     let max_rank = adapters.iter().map(|a| a.max_rank()).max().unwrap_or(0);
     let mut smallest = 0;
     for r in (1..=max_rank).rev() {
-        let cut: Vec<LoraAdapter> = adapters
-            .iter()
-            .map(|a| if a.max_rank() <= r { Ok((*a).clone()) } else { truncate_to(a, &uniform_ranks(a, r)) })
-            .collect::<Result<_>>()?;
+        let cut: Vec<LoraAdapter> = adapters.iter().map(|a| cut_to_rank(a, r)).collect::<Result<_>>()?;
         let bytes = total_bytes(&cut, dtype)?;
         if bytes <= budget_bytes {
             return Ok((r, cut));

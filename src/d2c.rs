@@ -603,11 +603,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             rank = r;
             Some(cut)
         }
-        (Strategy::Truncate, None) => Some(
-            refs.iter()
-                .map(|a| if a.max_rank() <= rank { Ok((*a).clone()) } else { compress::truncate_to(a, &compress::uniform_ranks(a, rank)) })
-                .collect::<Result<_>>()?,
-        ),
+        (Strategy::Truncate, None) => Some(refs.iter().map(|a| compress::cut_to_rank(a, rank)).collect::<Result<_>>()?),
         (Strategy::TruncateEnergy, Some(bytes)) => Some(compress::energy_ranks(&refs, opts.dtype, bytes)?.1),
         (Strategy::TruncateEnergy, None) => {
             return Err(Error::Usage("--strategy truncate-energy needs --budget-bytes".into()));
