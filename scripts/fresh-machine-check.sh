@@ -57,7 +57,7 @@ fi
 ROOT="${D2C_FRESH_ROOT:-/var/tmp/d2c-fresh-root}"
 mounted=()
 cleanup() {
-  local m
+  local i
   for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[$i]}" 2>/dev/null || true; done
   [ "$KEEP" -eq 1 ] || rm -rf --one-file-system "$ROOT"
 }
