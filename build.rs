@@ -48,8 +48,7 @@ fn main() {
 /// The entries of `dir` (empty when it does not exist), with their file names.
 fn entries(dir: &Path) -> Vec<(PathBuf, String)> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<(PathBuf, String)> =
-        rd.flatten().filter_map(|e| e.file_name().into_string().ok().map(|n| (e.path(), n))).collect();
+    let mut v: Vec<(PathBuf, String)> = rd.flatten().filter_map(|e| e.file_name().into_string().ok().map(|n| (e.path(), n))).collect();
     v.sort();
     v
 }

@@ -33,13 +33,11 @@ struct Args {
 }
 
 fn args() -> Args {
-    let cache = std::env::var_os("D2C_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf")
-    });
+    let cache = std::env::var_os("D2C_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf"));
     let mut a = Args {
-        model: std::env::var_os("D2C_BASE_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        model: std::env::var_os("D2C_BASE_MODEL").map(PathBuf::from).unwrap_or_else(|| cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
         threads: d2c_gguf::llama::default_threads(),
         batch: 256,
         samples: 96,
@@ -62,11 +60,61 @@ fn args() -> Args {
 }
 
 const WORDS: &[&str] = &[
-    "the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "for", "on", "with", "as", "at", "by",
-    "river", "house", "small", "green", "quickly", "because", "morning", "answer", "question", "number",
-    "seven", "translate", "French", "city", "travelled", "across", "mountain", "under", "library", "bright",
-    "computer", "program", "returns", "value", "list", "sorted", "order", "people", "often", "forget",
-    "weather", "tomorrow", "yesterday", "colour", "blue", "reason", "simple", "example", "between",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "at",
+    "by",
+    "river",
+    "house",
+    "small",
+    "green",
+    "quickly",
+    "because",
+    "morning",
+    "answer",
+    "question",
+    "number",
+    "seven",
+    "translate",
+    "French",
+    "city",
+    "travelled",
+    "across",
+    "mountain",
+    "under",
+    "library",
+    "bright",
+    "computer",
+    "program",
+    "returns",
+    "value",
+    "list",
+    "sorted",
+    "order",
+    "people",
+    "often",
+    "forget",
+    "weather",
+    "tomorrow",
+    "yesterday",
+    "colour",
+    "blue",
+    "reason",
+    "simple",
+    "example",
+    "between",
 ];
 
 fn text(rng: &mut impl Rng, words: usize) -> String {
@@ -145,14 +193,7 @@ fn main() {
         .collect();
     let samples = workload(args.samples);
     let n_batch = args.batch as usize;
-    println!(
-        "model {}  threads {}  batch {}  samples {}  repetitions {}",
-        args.model.display(),
-        args.threads,
-        args.batch,
-        samples.len(),
-        args.reps
-    );
+    println!("model {}  threads {}  batch {}  samples {}  repetitions {}", args.model.display(), args.threads, args.batch, samples.len(), args.reps);
 
     let opts = ScoreOptions { threads: Some(args.threads), n_batch: args.batch, n_ctx: None, progress: false, ..ScoreOptions::default() };
     let mut scorer = Scorer::new(&args.model, opts).unwrap();

@@ -278,8 +278,7 @@ impl LoraAdapter {
             };
             let (a_dtype, b_dtype) = (dtype_of(ta)?, dtype_of(tb)?);
             let decode = |t: &crate::gguf::TensorInfo| {
-                ffi::decode_to_f32(t.ggml_type, file.tensor_data(t), t.n_elements() as usize)
-                    .map_err(|r| inv(&format!("tensor {}", t.name), r))
+                ffi::decode_to_f32(t.ggml_type, file.tensor_data(t), t.n_elements() as usize).map_err(|r| inv(&format!("tensor {}", t.name), r))
             };
             let (a_raw, b_raw) = (decode(ta)?, decode(tb)?);
             let is_embd = base.ends_with(TOKEN_EMBD);

@@ -29,10 +29,8 @@ impl BaseModel {
         if file.get_str("general.type") == Some("adapter") {
             return Err(Error::invalid(path, "general.type", "this is an adapter, not a base model"));
         }
-        let architecture = file
-            .get_str("general.architecture")
-            .ok_or_else(|| Error::invalid(path, "general.architecture", "missing or not a string"))?
-            .to_string();
+        let architecture =
+            file.get_str("general.architecture").ok_or_else(|| Error::invalid(path, "general.architecture", "missing or not a string"))?.to_string();
         let tensors: HashMap<String, Vec<u64>> = file.tensors.iter().map(|t| (t.name.clone(), t.dims.clone())).collect();
         let tied_embeddings = tensors.contains_key("token_embd.weight") && !tensors.contains_key("output.weight");
         let prefix = format!("{architecture}.");

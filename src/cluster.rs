@@ -47,9 +47,7 @@ pub fn kmedoids(similarity: &[Vec<f64>], k: usize, seed: u64) -> Assignment {
 
     let mut medoids = vec![rng.random_range(0..n)];
     while medoids.len() < k {
-        let weights: Vec<f64> = (0..n)
-            .map(|i| medoids.iter().map(|&m| dist(i, m)).fold(f64::INFINITY, f64::min).powi(2))
-            .collect();
+        let weights: Vec<f64> = (0..n).map(|i| medoids.iter().map(|&m| dist(i, m)).fold(f64::INFINITY, f64::min).powi(2)).collect();
         let total: f64 = weights.iter().sum();
         let next = if total <= 0.0 {
             // All remaining points coincide with a medoid: take any non-medoid.
@@ -135,10 +133,8 @@ pub fn fill_empty(assign: &mut [usize], k: usize, cost: &[f64]) {
         if sizes[donor] < 2 {
             return; // k > n: cannot fill (callers keep k <= n)
         }
-        let task = (0..assign.len())
-            .filter(|&t| assign[t] == donor)
-            .max_by(|&a, &b| cost[a].total_cmp(&cost[b]).then(b.cmp(&a)))
-            .expect("donor non-empty");
+        let task =
+            (0..assign.len()).filter(|&t| assign[t] == donor).max_by(|&a, &b| cost[a].total_cmp(&cost[b]).then(b.cmp(&a))).expect("donor non-empty");
         assign[task] = empty;
     }
 }
@@ -150,7 +146,19 @@ mod tests {
     fn block_similarity(groups: &[usize]) -> Vec<Vec<f64>> {
         let n = groups.len();
         (0..n)
-            .map(|i| (0..n).map(|j| if i == j { 1.0 } else if groups[i] == groups[j] { 0.8 } else { 0.05 }).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        if i == j {
+                            1.0
+                        } else if groups[i] == groups[j] {
+                            0.8
+                        } else {
+                            0.05
+                        }
+                    })
+                    .collect()
+            })
             .collect()
     }
 

@@ -25,11 +25,8 @@ pub type TargetRanks = BTreeMap<String, usize>;
 /// target kept at or above its own rank is re-expressed exactly (up to f32 rounding). The
 /// scales are folded into `B`; alpha says so (alpha = r when one rank remains, else 0).
 pub fn truncate_to(adapter: &LoraAdapter, ranks: &TargetRanks) -> Result<LoraAdapter> {
-    let kept: Vec<(&String, &LoraTarget, usize)> = adapter
-        .targets
-        .iter()
-        .filter_map(|(name, t)| ranks.get(name).copied().filter(|&k| k > 0).map(|k| (name, t, k)))
-        .collect();
+    let kept: Vec<(&String, &LoraTarget, usize)> =
+        adapter.targets.iter().filter_map(|(name, t)| ranks.get(name).copied().filter(|&k| k > 0).map(|k| (name, t, k))).collect();
     let targets = kept
         .par_iter()
         .map(|(name, t, k)| Ok(((*name).clone(), merge::truncate_target(t, adapter.scale(t), *k)?.0)))
@@ -61,11 +58,7 @@ pub fn cut_to_rank(adapter: &LoraAdapter, rank: usize) -> Result<LoraAdapter> {
 
 /// Squared singular values of every target's delta, non-increasing.
 pub fn spectra(adapter: &LoraAdapter) -> Result<BTreeMap<String, Vec<f64>>> {
-    adapter
-        .targets
-        .par_iter()
-        .map(|(name, t)| Ok((name.clone(), merge::truncate_target(t, adapter.scale(t), 1)?.1)))
-        .collect()
+    adapter.targets.par_iter().map(|(name, t)| Ok((name.clone(), merge::truncate_target(t, adapter.scale(t), 1)?.1))).collect()
 }
 
 /// The largest rank `r` such that every adapter with every target cut to `r` fits in
@@ -146,9 +139,7 @@ pub fn energy_ranks(adapters: &[&LoraAdapter], dtype: DType, budget_bytes: u64) 
     let targets: Vec<Vec<(&String, &Vec<f64>, u64)>> = adapters
         .iter()
         .zip(&spectra)
-        .map(|(a, s)| {
-            a.targets.iter().map(|(name, t)| (name, &s[name], component_bytes(dtype, t.n_in, t.n_out))).collect()
-        })
+        .map(|(a, s)| a.targets.iter().map(|(name, t)| (name, &s[name], component_bytes(dtype, t.n_in, t.n_out))).collect())
         .collect();
     let energy: Vec<f64> = spectra.iter().map(|s| s.values().flatten().sum::<f64>().max(f64::MIN_POSITIVE)).collect();
     let component = |task: usize, target: usize, index: usize| -> Option<Component> {
@@ -203,8 +194,7 @@ pub fn energy_ranks(adapters: &[&LoraAdapter], dtype: DType, budget_bytes: u64) 
     let ranks_of = |kept: &[Vec<usize>], task: usize| -> TargetRanks {
         targets[task].iter().zip(&kept[task]).map(|((name, _, _), &k)| ((*name).clone(), k)).collect()
     };
-    let mut out: Vec<LoraAdapter> =
-        (0..adapters.len()).map(|i| truncate_to(adapters[i], &ranks_of(&kept, i))).collect::<Result<_>>()?;
+    let mut out: Vec<LoraAdapter> = (0..adapters.len()).map(|i| truncate_to(adapters[i], &ranks_of(&kept, i))).collect::<Result<_>>()?;
     let mut sizes: Vec<u64> = out.iter().map(|a| a.encoded_bytes(dtype)).collect::<Result<_>>()?;
     while sizes.iter().sum::<u64>() > budget_bytes {
         if taken.len() <= first_pass {
@@ -279,9 +269,7 @@ mod tests {
     fn the_largest_uniform_rank_that_fits_is_chosen() {
         let (a, b) = (adapter(3), adapter(5));
         let sizes: Vec<u64> = (1..=8)
-            .map(|r| {
-                [&a, &b].iter().map(|x| truncate_to(x, &uniform_ranks(x, r)).unwrap().encoded_bytes(DType::F16).unwrap()).sum()
-            })
+            .map(|r| [&a, &b].iter().map(|x| truncate_to(x, &uniform_ranks(x, r)).unwrap().encoded_bytes(DType::F16).unwrap()).sum())
             .collect();
         // Just enough for rank 5, one byte short of rank 6.
         let (r, cut) = largest_uniform_rank(&[&a, &b], DType::F16, sizes[5] - 1).unwrap();

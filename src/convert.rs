@@ -69,12 +69,8 @@ const SEPARATE_PROJECTIONS: &[(&str, &str)] = &[
 
 /// Phi-3 keeps q/k/v fused and gate+up fused; llama.cpp keeps them fused too (`ffn_up` holds
 /// gate and up), so its LoRA maps one to one.
-const PHI3_PROJECTIONS: &[(&str, &str)] = &[
-    ("self_attn.qkv_proj", "attn_qkv"),
-    ("self_attn.o_proj", "attn_output"),
-    ("mlp.gate_up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-];
+const PHI3_PROJECTIONS: &[(&str, &str)] =
+    &[("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")];
 
 const ARCHS: &[ArchSpec] = &[
     ArchSpec { name: "llama", permute_qk: true, layer_modules: SEPARATE_PROJECTIONS },
@@ -179,8 +175,7 @@ impl PeftConfig {
             }
             Ok(out)
         };
-        let order: PatternOrder =
-            serde_json::from_slice(bytes).map_err(|e| inv("rank_pattern/alpha_pattern", format!("unreadable: {e}")))?;
+        let order: PatternOrder = serde_json::from_slice(bytes).map_err(|e| inv("rank_pattern/alpha_pattern", format!("unreadable: {e}")))?;
         let rank_pattern = pattern("rank_pattern", order.rank_pattern)?
             .into_iter()
             .map(|(k, v)| Ok((k.clone(), positive_int(&format!("rank_pattern.{k}"), &v)?)))
@@ -291,9 +286,15 @@ enum Layer {
 
 /// What a safetensors tensor name means, after `base_model.model.`.
 enum Entry<'n> {
-    Factor { module: &'n str, half: Half, layer: Layer },
+    Factor {
+        module: &'n str,
+        half: Half,
+        layer: Layer,
+    },
     /// PEFT's copy of a targeted embedding/lm_head's frozen weight (`save_embedding_layers`).
-    FrozenBase { module: &'n str },
+    FrozenBase {
+        module: &'n str,
+    },
 }
 
 fn classify(name: &str) -> std::result::Result<Entry<'_>, String> {
@@ -338,10 +339,7 @@ fn place(arch: &ArchSpec, module: &str) -> std::result::Result<Placement, String
     if matches!(module, "lm_head" | "language_model.lm_head") {
         return Ok(plain(OUTPUT));
     }
-    let body = ["model.language_model.", "language_model.model.", "model."]
-        .iter()
-        .find_map(|p| module.strip_prefix(p))
-        .unwrap_or(module);
+    let body = ["model.language_model.", "language_model.model.", "model."].iter().find_map(|p| module.strip_prefix(p)).unwrap_or(module);
     if body == "embed_tokens" {
         return Ok(plain(TOKEN_EMBD));
     }
@@ -514,8 +512,8 @@ fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base
     let arch = check_arch(base)?;
     check_safetensors_header(weights_path, weights)?;
     let weights_path = weights_path.to_path_buf();
-    let st = SafeTensors::deserialize(weights)
-        .map_err(|e| Error::Format { path: weights_path.clone(), field: "header".into(), reason: e.to_string() })?;
+    let st =
+        SafeTensors::deserialize(weights).map_err(|e| Error::Format { path: weights_path.clone(), field: "header".into(), reason: e.to_string() })?;
     let inv = |field: &str, reason: String| Error::invalid(&weights_path, field, reason);
 
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
@@ -526,9 +524,8 @@ fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base
         let view = st.tensor(name).map_err(|e| inv(&format!("tensor {name}"), e.to_string()))?;
         match classify(name).map_err(|reason| inv(&format!("tensor {name}"), reason))? {
             Entry::Factor { module, half, layer } => {
-                let entry = modules
-                    .entry(module.to_string())
-                    .or_insert_with(|| ModuleFactors { module: module.to_string(), layer, a: None, b: None });
+                let entry =
+                    modules.entry(module.to_string()).or_insert_with(|| ModuleFactors { module: module.to_string(), layer, a: None, b: None });
                 if entry.layer != layer {
                     return Err(inv(&format!("tensor {name}"), format!("module {module} mixes linear and embedding LoRA factors")));
                 }
@@ -542,7 +539,8 @@ fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base
                 // Safe to drop only if it is the base's own weight: same shape (vocabulary not resized).
                 let placement = place(arch, module).map_err(|r| inv(&format!("tensor {name}"), r))?;
                 let is_embedding_layer = placement.gguf_name == TOKEN_EMBD || placement.gguf_name == OUTPUT;
-                let base_dims = base.tensor_dims(&placement.gguf_name).or_else(|| base.tensor_dims(TOKEN_EMBD).filter(|_| placement.gguf_name == OUTPUT));
+                let base_dims =
+                    base.tensor_dims(&placement.gguf_name).or_else(|| base.tensor_dims(TOKEN_EMBD).filter(|_| placement.gguf_name == OUTPUT));
                 let fits = base_dims.is_some_and(|d| d.len() == 2 && view.shape() == [d[1] as usize, d[0] as usize]);
                 if !is_embedding_layer || !fits {
                     return Err(inv(
@@ -584,9 +582,8 @@ fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base
     // One file alpha reproduces PEFT exactly when every target's scale is alpha / r with the
     // same alpha (ranks may differ: llama.cpp divides by each tensor's own rank).
     let uniform_alpha = config.lora_alpha as f32;
-    let uniform = !config.use_rslora
-        && uniform_alpha != 0.0
-        && alphas.iter().all(|&a| (a - config.lora_alpha).abs() <= 1e-9 * config.lora_alpha.abs());
+    let uniform =
+        !config.use_rslora && uniform_alpha != 0.0 && alphas.iter().all(|&a| (a - config.lora_alpha).abs() <= 1e-9 * config.lora_alpha.abs());
     let scale_mode = if uniform {
         adapter.alpha = uniform_alpha;
         ScaleMode::FileAlpha(uniform_alpha)
@@ -604,9 +601,7 @@ fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base
         adapter.metadata.insert(KEY_TASK_NAME.into(), Value::String(task));
     }
     if let Some(tokens) = &config.alora_invocation_tokens {
-        adapter
-            .metadata
-            .insert(KEY_ALORA_TOKENS.into(), Value::Array(ValueType::U32, tokens.iter().map(|t| Value::U32(*t)).collect()));
+        adapter.metadata.insert(KEY_ALORA_TOKENS.into(), Value::Array(ValueType::U32, tokens.iter().map(|t| Value::U32(*t)).collect()));
     }
     Ok(Converted { adapter, scale_mode, skipped_frozen })
 }
@@ -688,10 +683,7 @@ fn convert_module(
     }
     let expected_rank = config.rank_for(&m.module);
     if rank != expected_rank {
-        return Err(inv(
-            &field_a,
-            format!("rank {rank}, but adapter_config.json gives module {} rank {expected_rank} (r / rank_pattern)", m.module),
-        ));
+        return Err(inv(&field_a, format!("rank {rank}, but adapter_config.json gives module {} rank {expected_rank} (r / rank_pattern)", m.module)));
     }
     let a = decode_tensor(a_view).map_err(|r| inv(&field_a, r))?;
     let b = decode_tensor(b_view).map_err(|r| inv(&field_b, r))?;
@@ -711,7 +703,9 @@ fn convert_module(
                 let heads = base
                     .hparam(key)
                     .or_else(|| (key == "attention.head_count_kv").then(|| base.hparam("attention.head_count")).flatten())
-                    .ok_or_else(|| Error::invalid(&base.path, format!("{}.{key}", base.architecture), "missing (needed for the rotary permutation)"))?;
+                    .ok_or_else(|| {
+                        Error::invalid(&base.path, format!("{}.{key}", base.architecture), "missing (needed for the rotary permutation)")
+                    })?;
                 permute_rows(&b, n_out, rank, heads as usize).map_err(|r| inv(&field_b, format!("rotary permutation with {key} = {heads}: {r}")))?
             }
             None => b,

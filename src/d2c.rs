@@ -193,7 +193,11 @@ fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, Path
     let mut problems = Vec::new();
     for (task, p) in &adapters {
         if !samples.contains_key(task) {
-            problems.push(format!("task {task}: adapter {} has no samples file {}", p.display(), samples_dir.join(format!("{task}.jsonl")).display()));
+            problems.push(format!(
+                "task {task}: adapter {} has no samples file {}",
+                p.display(),
+                samples_dir.join(format!("{task}.jsonl")).display()
+            ));
         }
     }
     for (task, p) in &samples {
@@ -207,10 +211,13 @@ fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, Path
     if adapters.is_empty() {
         return Err(Error::Usage(format!("no adapters (*.gguf) in {}", adapters_dir.display())));
     }
-    Ok(adapters.into_iter().map(|(t, a)| {
-        let s = samples[&t].clone();
-        (t, a, s)
-    }).collect())
+    Ok(adapters
+        .into_iter()
+        .map(|(t, a)| {
+            let s = samples[&t].clone();
+            (t, a, s)
+        })
+        .collect())
 }
 
 /// Checks the output directory before any work: it must be absent or empty, or `--force`,
@@ -410,10 +417,8 @@ fn allocate_ranks(
     chosen: &mut [ClusterEval],
     mut eval: impl FnMut(&[usize], Method, f32, usize, &[&Task]) -> Result<(Candidate, Vec<f64>)>,
 ) -> Result<()> {
-    let ladders: Vec<Vec<usize>> = groups
-        .iter()
-        .map(|g| rank_ladder(start_rank, g.iter().map(|&i| tasks[i].adapter.max_rank()).sum::<usize>().max(1)))
-        .collect();
+    let ladders: Vec<Vec<usize>> =
+        groups.iter().map(|g| rank_ladder(start_rank, g.iter().map(|&i| tasks[i].adapter.max_rank()).sum::<usize>().max(1))).collect();
     let choice_of = |c: &ClusterEval| match &c.choice {
         Some(ch) => (ch.method.parse::<Method>().unwrap_or(Method::Svd), ch.scale),
         None => (Method::Svd, 1.0),
@@ -434,7 +439,13 @@ fn allocate_ranks(
     let total_bytes = |cur: &[(Candidate, f64)]| cur.iter().map(|(c, _)| c.bytes).sum::<u64>();
     let step = |ladder: &[usize], r: usize, up: bool| -> Option<usize> {
         let pos = ladder.iter().position(|&x| x >= r)?;
-        if up { ladder.get(pos + 1).copied() } else if pos > 0 { Some(ladder[pos - 1]) } else { None }
+        if up {
+            ladder.get(pos + 1).copied()
+        } else if pos > 0 {
+            Some(ladder[pos - 1])
+        } else {
+            None
+        }
     };
     while total_bytes(&current) > budget_bytes {
         let mut best: Option<(f64, usize, (Candidate, f64))> = None;
@@ -648,10 +659,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let pb = crate::progress::bar(opts.progress, 2 * n as u64, "own / base scores");
     let task_refs: Vec<&Task> = tasks.iter().collect();
     let nll_base = ev.nll(None, &task_refs)?;
-    let task_tokens: Vec<usize> = tasks
-        .iter()
-        .map(|t| ev.cache.get(&ev.cache.key("base", &t.samples_hash)).map(|(_, tokens)| tokens).unwrap_or(0))
-        .collect();
+    let task_tokens: Vec<usize> =
+        tasks.iter().map(|t| ev.cache.get(&ev.cache.key("base", &t.samples_hash)).map(|(_, tokens)| tokens).unwrap_or(0)).collect();
     pb.inc(n as u64);
     let mut nll_own = vec![0.0; n];
     let mut own_candidates = Vec::with_capacity(n);
@@ -672,13 +681,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let merge_cluster = |members: &[usize], method: Method, scale: f32, rank: usize| -> Result<LoraAdapter> {
         let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &tasks[i].adapter).collect();
         let w = scale / members.len() as f32;
-        let mo = MergeOptions {
-            method,
-            rank: Some(rank),
-            weights: Some(vec![w; members.len()]),
-            density: opts.density,
-            seed: opts.seed,
-        };
+        let mo = MergeOptions { method, rank: Some(rank), weights: Some(vec![w; members.len()]), density: opts.density, seed: opts.seed };
         let mut merged = merge::merge(&inputs, &mo)?;
         let names: Vec<&str> = members.iter().map(|&i| tasks[i].name.as_str()).collect();
         merged.metadata.insert(KEY_TASK_NAME.to_string(), Value::String(names.join(",")));
@@ -688,18 +691,19 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     // Evaluates one cluster at `rank`: a singleton ships its compressed adapter under a
     // truncation strategy, else, at (or above) its own rank, its own adapter unchanged;
     // everything else is merged (a singleton below its rank is truncated).
-    let eval_cluster = |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
-        let cand = if let (Some(cut), [only]) = (&compressed_candidates, members) {
-            cut[*only].clone()
-        } else if members.len() == 1 && scale == 1.0 && rank >= tasks[members[0]].adapter.max_rank() {
-            own_candidates[members[0]].clone()
-        } else {
-            let merged = merge_cluster(members, method, scale, rank)?;
-            ev.write_candidate(&merged, &input_paths)?
+    let eval_cluster =
+        |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
+            let cand = if let (Some(cut), [only]) = (&compressed_candidates, members) {
+                cut[*only].clone()
+            } else if members.len() == 1 && scale == 1.0 && rank >= tasks[members[0]].adapter.max_rank() {
+                own_candidates[members[0]].clone()
+            } else {
+                let merged = merge_cluster(members, method, scale, rank)?;
+                ev.write_candidate(&merged, &input_paths)?
+            };
+            let nll = ev.nll(Some(&cand), scored)?;
+            Ok((cand, nll))
         };
-        let nll = ev.nll(Some(&cand), scored)?;
-        Ok((cand, nll))
-    };
 
     // Initial clusters.
     let t = Instant::now();
@@ -811,9 +815,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let pb = crate::progress::bar(opts.progress, groups.len() as u64, "tuning merges");
     for members in &groups {
         let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
-        let cluster_objective = |nll: &[f64]| -> f64 {
-            members.iter().zip(nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum::<f64>() / members.len() as f64
-        };
+        let cluster_objective =
+            |nll: &[f64]| -> f64 { members.iter().zip(nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum::<f64>() / members.len() as f64 };
         if members.len() == 1 {
             let (cand, _) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &member_tasks)?;
             chosen.push(ClusterEval { candidate: cand, choice: None });
@@ -839,10 +842,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             }
         }
         let (obj, cand, m, s) = best_here.expect("at least one option");
-        chosen.push(ClusterEval {
-            candidate: cand,
-            choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }),
-        });
+        chosen.push(ClusterEval { candidate: cand, choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }) });
         pb.inc(1);
     }
     pb.finish_and_clear();

@@ -126,10 +126,8 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
         adapters.push(model.load_adapter(f)?);
     }
 
-    let prompts_of: BTreeMap<&str, Vec<Vec<Token>>> = tests
-        .iter()
-        .map(|(task, samples)| (task.as_str(), samples.iter().map(|s| model.tokenize_sequence(&s.prompt)).collect()))
-        .collect();
+    let prompts_of: BTreeMap<&str, Vec<Vec<Token>>> =
+        tests.iter().map(|(task, samples)| (task.as_str(), samples.iter().map(|s| model.tokenize_sequence(&s.prompt)).collect())).collect();
     let longest = prompts_of.values().flatten().map(|p| p.len()).max().unwrap_or(1);
     let per_seq = longest + opts.max_tokens;
     // Every running sequence adds one token per generation step, so a step must fit one batch.
@@ -143,13 +141,7 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
             model.n_ctx_train()
         )));
     }
-    let cfg = SessionConfig {
-        n_ctx: n_ctx as u32,
-        n_batch: opts.n_batch,
-        n_seq: n_parallel as u32,
-        threads: opts.threads,
-        flash_attention: false,
-    };
+    let cfg = SessionConfig { n_ctx: n_ctx as u32, n_batch: opts.n_batch, n_seq: n_parallel as u32, threads: opts.threads, flash_attention: false };
     let mut session = model.session_with(cfg, &mut adapters)?;
 
     let mut groups: BTreeMap<Option<usize>, Vec<&str>> = BTreeMap::new();
@@ -198,13 +190,7 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
         let total = samples.len();
         report_tasks.insert(
             task.clone(),
-            TaskAccuracy {
-                adapter: assignment[task].clone(),
-                correct,
-                total,
-                accuracy: correct as f64 / total as f64,
-                predictions,
-            },
+            TaskAccuracy { adapter: assignment[task].clone(), correct, total, accuracy: correct as f64 / total as f64, predictions },
         );
     }
     let mean_accuracy = report_tasks.values().map(|a| a.accuracy).sum::<f64>() / report_tasks.len() as f64;
@@ -227,11 +213,7 @@ fn read_tests(dir: &Path) -> Result<BTreeMap<String, Vec<Sample>>> {
         if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
             continue;
         }
-        let task = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| Error::invalid(&path, "file name", "not valid UTF-8"))?
-            .to_string();
+        let task = path.file_stem().and_then(|s| s.to_str()).ok_or_else(|| Error::invalid(&path, "file name", "not valid UTF-8"))?.to_string();
         let samples = samples::read_samples(&path)?;
         if samples.is_empty() {
             return Err(Error::invalid(&path, "examples", "no test examples"));
@@ -245,11 +227,7 @@ fn read_tests(dir: &Path) -> Result<BTreeMap<String, Vec<Sample>>> {
 }
 
 /// The adapter file of every task (`None`: the base), checked to exist before any work.
-fn adapter_files(
-    base: &Path,
-    tests: &BTreeMap<String, Vec<Sample>>,
-    choice: &AdapterChoice,
-) -> Result<BTreeMap<String, Option<PathBuf>>> {
+fn adapter_files(base: &Path, tests: &BTreeMap<String, Vec<Sample>>, choice: &AdapterChoice) -> Result<BTreeMap<String, Option<PathBuf>>> {
     let mut out = BTreeMap::new();
     match choice {
         AdapterChoice::Base => {
@@ -271,17 +249,14 @@ fn adapter_files(
             let dir = path.parent().unwrap_or(Path::new("."));
             let base_hash = manifest::hash_file(base)?;
             if base_hash != m.base.blake3 {
-                return Err(Error::invalid(
-                    path,
-                    "base.blake3",
-                    format!("{} is not the base model this manifest was made for", base.display()),
-                ));
+                return Err(Error::invalid(path, "base.blake3", format!("{} is not the base model this manifest was made for", base.display())));
             }
             let mut checked = vec![false; m.adapters.len()];
             for task in tests.keys() {
-                let &i = m.tasks.get(task).ok_or_else(|| {
-                    Error::invalid(path, "tasks", format!("task {task} has tests but no adapter in the manifest"))
-                })?;
+                let &i = m
+                    .tasks
+                    .get(task)
+                    .ok_or_else(|| Error::invalid(path, "tasks", format!("task {task} has tests but no adapter in the manifest")))?;
                 let entry = &m.adapters[i];
                 let file = dir.join(&entry.file);
                 if !checked[i] {
@@ -364,12 +339,7 @@ fn greedy_batch(model: &Model, session: &mut Session<'_>, prompts: &[&[Token]], 
     Ok((texts.into_iter().map(|t| String::from_utf8_lossy(&t).into_owned()).collect(), decoded))
 }
 
-fn decode_and_pick(
-    session: &mut Session<'_>,
-    batch: &mut Batch,
-    waiting: &mut Vec<(usize, i32)>,
-    next: &mut [Option<Token>],
-) -> Result<()> {
+fn decode_and_pick(session: &mut Session<'_>, batch: &mut Batch, waiting: &mut Vec<(usize, i32)>, next: &mut [Option<Token>]) -> Result<()> {
     session.decode(batch)?;
     for (seq, index) in waiting.drain(..) {
         next[seq] = Some(crate::llama::greedy_token(session.logits_ith(index)));

@@ -62,9 +62,7 @@ pub fn decode_to_f32(ggml_type: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>,
     if ggml_type == GGML_TYPE_F32 {
         return Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
     }
-    let to_float = traits(ggml_type)
-        .and_then(|t| t.to_float)
-        .ok_or_else(|| format!("ggml cannot decode {} to f32", info.name))?;
+    let to_float = traits(ggml_type).and_then(|t| t.to_float).ok_or_else(|| format!("ggml cannot decode {} to f32", info.name))?;
     let mut out = vec![0f32; n];
     // SAFETY: `bytes` holds exactly n/block blocks of this type (checked above) and `out` has
     // room for n floats; the reference dequantisers read and write exactly those ranges.
@@ -80,10 +78,7 @@ pub fn encode_from_f32(ggml_type: u32, data: &[f32], row_len: usize) -> Result<V
         return Err(format!("{} values do not form rows of {row_len}", data.len()));
     }
     if row_len as u64 % info.block_size != 0 {
-        return Err(format!(
-            "row length {row_len} is not a multiple of the {} block size {}",
-            info.name, info.block_size
-        ));
+        return Err(format!("row length {row_len} is not a multiple of the {} block size {}", info.name, info.block_size));
     }
     if ggml_type == GGML_TYPE_F32 {
         return Ok(data.iter().flat_map(|v| v.to_le_bytes()).collect());

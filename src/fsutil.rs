@@ -19,10 +19,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
     for input in inputs {
         if same_file(out, input) {
-            return Err(Error::Usage(format!(
-                "refusing to write {}: it is an input of this command (choose another output path)",
-                out.display()
-            )));
+            return Err(Error::Usage(format!("refusing to write {}: it is an input of this command (choose another output path)", out.display())));
         }
     }
     Ok(())
@@ -41,11 +38,7 @@ pub fn parent_dir(path: &Path) -> PathBuf {
 pub fn write_atomic<T>(path: &Path, inputs: &[&Path], write: impl FnOnce(&mut File) -> io::Result<T>) -> Result<T> {
     check_not_input(path, inputs)?;
     let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".d2c-")
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
+    let mut tmp = tempfile::Builder::new().prefix(".d2c-").suffix(".tmp").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
     let value = write(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
     // Temporary files are created owner-only; what we publish must be readable by a
     // llama-server running as another user, like any file the user's umask allows.
@@ -66,11 +59,8 @@ pub fn read_capped(path: &Path, cap: u64, field: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let too_big = |n: u64| Error::Format {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        reason: format!("{n} bytes exceeds the limit of {cap} bytes"),
-    };
+    let too_big =
+        |n: u64| Error::Format { path: path.to_path_buf(), field: field.to_string(), reason: format!("{n} bytes exceeds the limit of {cap} bytes") };
     if len > cap {
         return Err(too_big(len));
     }

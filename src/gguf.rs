@@ -212,9 +212,7 @@ impl TensorInfo {
     }
 
     pub fn type_name(&self) -> String {
-        ffi::ggml_type_info(self.ggml_type)
-            .map(|t| t.name)
-            .unwrap_or_else(|| format!("type#{}", self.ggml_type))
+        ffi::ggml_type_info(self.ggml_type).map(|t| t.name).unwrap_or_else(|| format!("type#{}", self.ggml_type))
     }
 }
 
@@ -275,10 +273,7 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: u64, field: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            return Err(self.err(
-                field,
-                format!("truncated: needs {n} bytes at offset {}, file has {} left", self.pos, self.remaining()),
-            ));
+            return Err(self.err(field, format!("truncated: needs {n} bytes at offset {}, file has {} left", self.pos, self.remaining())));
         }
         let s = &self.bytes[self.pos..self.pos + n as usize];
         self.pos += n as usize;
@@ -332,8 +327,7 @@ impl<'a> Cursor<'a> {
                     return Err(self.err(field, "nested arrays are not allowed"));
                 }
                 let raw_ty = self.u32(field)?;
-                let elem_ty = ValueType::from_u32(raw_ty)
-                    .ok_or_else(|| self.err(field, format!("unknown array element type {raw_ty}")))?;
+                let elem_ty = ValueType::from_u32(raw_ty).ok_or_else(|| self.err(field, format!("unknown array element type {raw_ty}")))?;
                 if elem_ty == ValueType::Array {
                     return Err(self.err(field, "nested arrays are not allowed"));
                 }
@@ -349,10 +343,7 @@ impl<'a> Cursor<'a> {
                 }
                 self.metadata_elements = self.metadata_elements.saturating_add(n);
                 if self.metadata_elements > MAX_METADATA_ELEMENTS {
-                    return Err(self.err(
-                        field,
-                        format!("arrays hold more than {MAX_METADATA_ELEMENTS} elements in total"),
-                    ));
+                    return Err(self.err(field, format!("arrays hold more than {MAX_METADATA_ELEMENTS} elements in total")));
                 }
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -373,10 +364,7 @@ pub fn tensor_bytes(ggml_type: u32, dims: &[u64]) -> std::result::Result<u64, St
     let info = ffi::ggml_type_info(ggml_type).ok_or_else(|| format!("unknown or removed ggml type {ggml_type}"))?;
     let ne0 = *dims.first().unwrap_or(&1);
     if ne0 % info.block_size != 0 {
-        return Err(format!(
-            "row length {ne0} is not a multiple of the {} block size {}",
-            info.name, info.block_size
-        ));
+        return Err(format!("row length {ne0} is not a multiple of the {} block size {}", info.name, info.block_size));
     }
     let rows: u64 = dims.iter().skip(1).product();
     Ok(ne0 / info.block_size * info.type_size * rows)
@@ -398,9 +386,7 @@ impl GgufFile {
 
     fn parse(path: &Path, map: Bytes) -> Result<Self> {
         let mut c = Cursor { bytes: &map, pos: 0, path, metadata_elements: 0 };
-        let magic = c
-            .take(4, "magic")
-            .map_err(|_| c.err("magic", "not a GGUF file (shorter than its 4-byte magic)"))?;
+        let magic = c.take(4, "magic").map_err(|_| c.err("magic", "not a GGUF file (shorter than its 4-byte magic)"))?;
         if magic != GGUF_MAGIC {
             return Err(c.err("magic", format!("not a GGUF file (starts with {:?})", String::from_utf8_lossy(magic))));
         }
@@ -436,12 +422,7 @@ impl GgufFile {
             Some((_, v)) => {
                 let a = match v {
                     Value::U32(a) => *a as u64,
-                    other => {
-                        return Err(c.err(
-                            "general.alignment",
-                            format!("must be u32, found {}", other.value_type().name()),
-                        ))
-                    }
+                    other => return Err(c.err("general.alignment", format!("must be u32, found {}", other.value_type().name()))),
                 };
                 if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
                     return Err(c.err("general.alignment", format!("{a} is not a power of two up to {MAX_ALIGNMENT}")));
@@ -455,10 +436,7 @@ impl GgufFile {
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor #{i} name"), MAX_KEY_LEN)?;
             if name.len() > MAX_TENSOR_NAME_LEN {
-                return Err(c.err(
-                    format!("tensor {name}"),
-                    format!("name is {} bytes, ggml allows at most {MAX_TENSOR_NAME_LEN}", name.len()),
-                ));
+                return Err(c.err(format!("tensor {name}"), format!("name is {} bytes, ggml allows at most {MAX_TENSOR_NAME_LEN}", name.len())));
             }
             if !seen.insert(name.clone()) {
                 return Err(c.err(format!("tensor {name}"), "duplicate tensor name"));

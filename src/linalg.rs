@@ -4,17 +4,17 @@
 //! faer matrices are column-major; our adapters are row-major. A row-major `rows x cols` slice is
 //! the column-major `cols x rows` transpose, so views onto factors need no copy: [`view_t`].
 
+use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor as llt;
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::linalg::householder;
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self as tri, BlockStructure};
-use faer::linalg::triangular_solve;
 use faer::linalg::qr::no_pivoting::factor as qr;
 use faer::linalg::svd::{self, ComputeSvdVectors};
+use faer::linalg::triangular_solve;
 use faer::traits::RealField;
-use faer::diag::Diag;
 use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
 
 use crate::error::{Error, Result};
@@ -183,14 +183,34 @@ pub fn cholesky_psd(mut g: Mat<f64>, jitter: f64, par: Par) -> Result<Mat<f64>> 
 /// `L^T X` for lower triangular `L`.
 pub fn lower_t_mul(l: MatRef<'_, f64>, x: MatRef<'_, f64>, par: Par) -> Mat<f64> {
     let mut out = Mat::zeros(l.ncols(), x.ncols());
-    tri::matmul(out.as_mut(), BlockStructure::Rectangular, Accum::Replace, l.transpose(), BlockStructure::TriangularUpper, x, BlockStructure::Rectangular, 1.0, par);
+    tri::matmul(
+        out.as_mut(),
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        l.transpose(),
+        BlockStructure::TriangularUpper,
+        x,
+        BlockStructure::Rectangular,
+        1.0,
+        par,
+    );
     out
 }
 
 /// `L X` for lower triangular `L`.
 pub fn lower_mul(l: MatRef<'_, f64>, x: MatRef<'_, f64>, par: Par) -> Mat<f64> {
     let mut out = Mat::zeros(l.nrows(), x.ncols());
-    tri::matmul(out.as_mut(), BlockStructure::Rectangular, Accum::Replace, l, BlockStructure::TriangularLower, x, BlockStructure::Rectangular, 1.0, par);
+    tri::matmul(
+        out.as_mut(),
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        l,
+        BlockStructure::TriangularLower,
+        x,
+        BlockStructure::Rectangular,
+        1.0,
+        par,
+    );
     out
 }
 
@@ -235,7 +255,7 @@ pub fn factor_inner(b1: &[f32], a1: &[f32], r1: usize, b2: &[f32], a2: &[f32], r
     let at2 = view_t(a2, r2, n_in); // in x r2
     let gb = mul(bt1, bt2.transpose(), Par::Seq); // r1 x r2 = B1^T B2
     let ga = mul(at1.transpose(), at2, Par::Seq); // r1 x r2 = A1 A2^T
-    // trace((B1^T B2)(A2 A1^T)) = sum_ab (B1^T B2)_ab (A1 A2^T)_ab
+                                                  // trace((B1^T B2)(A2 A1^T)) = sum_ab (B1^T B2)_ab (A1 A2^T)_ab
     let mut sum = 0f64;
     for j in 0..r2 {
         for i in 0..r1 {

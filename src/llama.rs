@@ -49,21 +49,16 @@ pub const BACKENDS_DIR_ENV: &str = "D2C_GGML_BACKENDS";
 /// build put them.
 #[cfg(feature = "cpu-variants")]
 fn load_cpu_variants() -> std::result::Result<(), String> {
-    let has_variants = |d: &Path| {
-        std::fs::read_dir(d).is_ok_and(|entries| {
-            entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libggml-cpu"))
-        })
-    };
+    let has_variants =
+        |d: &Path| std::fs::read_dir(d).is_ok_and(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libggml-cpu")));
     let from_env = std::env::var_os(BACKENDS_DIR_ENV).map(PathBuf::from);
     let beside_exe = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
     let built = llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from);
     let dir = match from_env {
         Some(d) => d,
-        None => [beside_exe, built]
-            .into_iter()
-            .flatten()
-            .find(|d| has_variants(d))
-            .ok_or_else(|| format!("no ggml CPU variant (libggml-cpu-*.so) beside the executable or in the build's backends directory; set {BACKENDS_DIR_ENV}"))?,
+        None => [beside_exe, built].into_iter().flatten().find(|d| has_variants(d)).ok_or_else(|| {
+            format!("no ggml CPU variant (libggml-cpu-*.so) beside the executable or in the build's backends directory; set {BACKENDS_DIR_ENV}")
+        })?,
     };
     if !has_variants(&dir) {
         return Err(format!("{BACKENDS_DIR_ENV}={}: no libggml-cpu-*.so there", dir.display()));
@@ -152,7 +147,11 @@ impl Model {
     pub fn end_of_turn(&self) -> LlamaToken {
         let vocab = self.inner.vocab();
         let eot = vocab.eot();
-        if eot.0 >= 0 { eot } else { vocab.eos() }
+        if eot.0 >= 0 {
+            eot
+        } else {
+            vocab.eos()
+        }
     }
 
     pub fn is_eog(&self, t: LlamaToken) -> bool {
@@ -170,24 +169,15 @@ impl Model {
         if !path.is_file() {
             return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "adapter file not found")));
         }
-        let inner = self
-            .inner
-            .lora_adapter_init(path)
-            .map_err(|e| Error::Llama(format!("{}: llama.cpp refused the adapter: {e}", path.display())))?;
+        let inner =
+            self.inner.lora_adapter_init(path).map_err(|e| Error::Llama(format!("{}: llama.cpp refused the adapter: {e}", path.display())))?;
         Ok(Adapter { path: path.to_path_buf(), inner })
     }
 
     /// A context for evaluation: `n_ctx` tokens of KV cache shared by up to `n_seq` sequences
     /// (sequence ids `0..n_seq`), decoding at most `n_batch` tokens per call, with the default
     /// [`SessionConfig`] otherwise. See [`Model::session_with`].
-    pub fn session<'m>(
-        &'m self,
-        n_ctx: u32,
-        n_batch: u32,
-        n_seq: u32,
-        threads: Option<i32>,
-        adapters: &'m mut [Adapter],
-    ) -> Result<Session<'m>> {
+    pub fn session<'m>(&'m self, n_ctx: u32, n_batch: u32, n_seq: u32, threads: Option<i32>, adapters: &'m mut [Adapter]) -> Result<Session<'m>> {
         self.session_with(SessionConfig { n_ctx, n_batch, n_seq, threads, ..SessionConfig::default() }, adapters)
     }
 
@@ -202,11 +192,7 @@ impl Model {
         }
         let n_batch = n_batch.max(1);
         let threads = threads.unwrap_or_else(default_threads);
-        let fa = if flash_attention {
-            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
-        } else {
-            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
-        };
+        let fa = if flash_attention { llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED };
         // One KV cache shared by all sequences: without it llama.cpp splits n_ctx evenly into
         // per-sequence streams padded to 256 cells each, so many short sequences would need a
         // huge context.
@@ -219,10 +205,8 @@ impl Model {
             .with_flash_attention_policy(fa)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let ctx = self
-            .inner
-            .new_context(backend()?, params)
-            .map_err(|e| Error::Llama(format!("{}: cannot create a context: {e}", self.path.display())))?;
+        let ctx =
+            self.inner.new_context(backend()?, params).map_err(|e| Error::Llama(format!("{}: cannot create a context: {e}", self.path.display())))?;
         Ok(Session { ctx, n_batch, n_seq, n_vocab: self.n_vocab(), adapters, active: None })
     }
 }
@@ -283,10 +267,7 @@ impl<'m> Session<'m> {
         }
         match active {
             Some((i, scale)) => {
-                let a = self
-                    .adapters
-                    .get_mut(i)
-                    .ok_or_else(|| Error::Usage(format!("no adapter #{i} in this session")))?;
+                let a = self.adapters.get_mut(i).ok_or_else(|| Error::Usage(format!("no adapter #{i} in this session")))?;
                 self.ctx
                     .lora_adapter_set(&mut a.inner, scale)
                     .map_err(|e| Error::Llama(format!("{}: cannot apply adapter: {e}", a.path.display())))?;
@@ -295,9 +276,7 @@ impl<'m> Session<'m> {
                 // llama-cpp-2's remove clears the whole set (its argument is not used); an
                 // adapter was active, so there is one to pass.
                 if let Some(a) = self.adapters.first_mut() {
-                    self.ctx
-                        .lora_adapter_remove(&mut a.inner)
-                        .map_err(|e| Error::Llama(format!("cannot clear adapters: {e}")))?;
+                    self.ctx.lora_adapter_remove(&mut a.inner).map_err(|e| Error::Llama(format!("cannot clear adapters: {e}")))?;
                 }
             }
         }
@@ -327,12 +306,7 @@ impl<'m> Session<'m> {
 /// The most likely next token; a tie goes to the lower id, so that the choice does not depend on
 /// how the scan is ordered.
 pub fn greedy_token(logits: &[f32]) -> Token {
-    let best = logits
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-        .map(|(i, _)| i)
-        .unwrap_or(0);
+    let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i).unwrap_or(0);
     Token(best as i32)
 }
 

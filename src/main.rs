@@ -290,18 +290,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn inspect(files: &[PathBuf], json: bool) -> Result<ExitCode> {
     let summaries = files.iter().map(|f| adapter::summarize(f)).collect::<Result<Vec<_>, _>>()?;
     if json {
-        let v = if summaries.len() == 1 {
-            serde_json::to_value(&summaries[0])?
-        } else {
-            serde_json::to_value(&summaries)?
-        };
+        let v = if summaries.len() == 1 { serde_json::to_value(&summaries[0])? } else { serde_json::to_value(&summaries)? };
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     for s in &summaries {
         println!("{}", s.file.display());
-        println!("  architecture {}  alpha {}  max rank {}  targets {}  params {}  file {} bytes",
-            s.architecture, s.alpha, s.max_rank, s.targets.len(), s.total_params, s.file_bytes);
+        println!(
+            "  architecture {}  alpha {}  max rank {}  targets {}  params {}  file {} bytes",
+            s.architecture,
+            s.alpha,
+            s.max_rank,
+            s.targets.len(),
+            s.total_params,
+            s.file_bytes
+        );
         if let Some(t) = &s.task_name {
             println!("  task {t}");
         }

@@ -115,8 +115,8 @@ pub struct Objective {
 impl Manifest {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::invalid(path, format!("line {} column {}", e.line(), e.column()), e.to_string()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("line {} column {}", e.line(), e.column()), e.to_string()))?;
         if m.format != FORMAT {
             return Err(Error::invalid(path, "format", format!("expected {FORMAT:?}, found {:?}", m.format)));
         }

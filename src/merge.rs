@@ -255,9 +255,7 @@ pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result
         for name in &names {
             let ranks: BTreeSet<usize> = inputs.iter().filter_map(|a| a.targets.get(*name)).map(|t| t.rank).collect();
             if ranks.len() > 1 {
-                return Err(Error::Usage(format!(
-                    "linear merging needs equal ranks, but {name} has ranks {ranks:?} (use svd or cat)"
-                )));
+                return Err(Error::Usage(format!("linear merging needs equal ranks, but {name} has ranks {ranks:?} (use svd or cat)")));
             }
         }
     }
@@ -269,9 +267,7 @@ pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result
             let parts: Vec<Part> = inputs
                 .iter()
                 .enumerate()
-                .filter_map(|(i, a)| {
-                    a.targets.get(*name).map(|t| Part { input: i, weight: weights[i], coef: weights[i] * a.scale(t), t })
-                })
+                .filter_map(|(i, a)| a.targets.get(*name).map(|t| Part { input: i, weight: weights[i], coef: weights[i] * a.scale(t), t }))
                 .collect();
             let (target, norm, residual) = match opts.method {
                 Method::Cat => cat_target(&parts),
@@ -545,13 +541,7 @@ pub fn ties_dense(deltas: &[&[f32]], weights: &[f32], density: f32) -> Vec<f32> 
     assert_eq!(deltas.len(), weights.len());
     let len = deltas.first().map_or(0, |d| d.len());
     let wabs = weights.iter().map(|w| w.abs()).sum();
-    ties_stream(
-        len,
-        deltas.len(),
-        |k| (weights[k], deltas[k].iter().map(|x| x * weights[k]).collect()),
-        density,
-        wabs,
-    )
+    ties_stream(len, deltas.len(), |k| (weights[k], deltas[k].iter().map(|x| x * weights[k]).collect()), density, wabs)
 }
 
 /// TIES in two passes over the inputs, holding four dense matrices whatever their number.

@@ -237,10 +237,7 @@ impl Scorer {
         let first_scored = common.max(1);
         let max = self.max_sample_tokens();
         if full.len() > max {
-            return Err(format!(
-                "prompt + completion is {} tokens, longer than the context allows ({max})",
-                full.len()
-            ));
+            return Err(format!("prompt + completion is {} tokens, longer than the context allows ({max})", full.len()));
         }
         if full.len() <= first_scored {
             return Err(if common == 0 {
@@ -288,10 +285,7 @@ impl Scorer {
         for (j, job) in jobs.iter().enumerate() {
             if let Some(a) = job.adapter {
                 if a >= self.adapters.len() {
-                    return Err(Error::Usage(format!(
-                        "job #{j}: no adapter #{a} ({} loaded)",
-                        self.adapters.len()
-                    )));
+                    return Err(Error::Usage(format!("job #{j}: no adapter #{a} ({} loaded)", self.adapters.len())));
                 }
             }
             if !job.scale.is_finite() {
@@ -308,9 +302,7 @@ impl Scorer {
                         .samples
                         .iter()
                         .enumerate()
-                        .map(|(i, s)| {
-                            self.tokenize_sample(s).map_err(|r| Error::Usage(format!("job #{j}, sample #{i}: {r}")))
-                        })
+                        .map(|(i, s)| self.tokenize_sample(s).map_err(|r| Error::Usage(format!("job #{j}, sample #{i}: {r}"))))
                         .collect::<Result<Vec<_>>>()?;
                     sets.push(tokens);
                     set_of_slice.insert(key, sets.len() - 1);
@@ -340,25 +332,14 @@ impl Scorer {
         for g in &mut groups {
             g.plan = plan_decodes(&sets, &g.sets, n_batch, align);
         }
-        let n_seq = groups
-            .iter()
-            .flat_map(|g| &g.plan)
-            .map(|d| d.pieces.len())
-            .max()
-            .unwrap_or(1) as u32;
+        let n_seq = groups.iter().flat_map(|g| &g.plan).map(|d| d.pieces.len()).max().unwrap_or(1) as u32;
         let longest = sets.iter().flatten().map(|s| s.tokens.len()).max().unwrap_or(1);
-        let total_tokens: u64 = groups
-            .iter()
-            .flat_map(|g| &g.sets)
-            .flat_map(|&s| &sets[s])
-            .map(|s| s.tokens.len() as u64)
-            .sum();
+        let total_tokens: u64 = groups.iter().flat_map(|g| &g.sets).flat_map(|&s| &sets[s]).map(|s| s.tokens.len() as u64).sum();
 
         let progress = if self.opts.progress {
             let bar = ProgressBar::new(total_tokens);
             bar.set_style(
-                ProgressStyle::with_template("scoring {bar:40} {pos}/{len} tokens ({per_sec}, {eta} left)")
-                    .expect("valid progress template"),
+                ProgressStyle::with_template("scoring {bar:40} {pos}/{len} tokens ({per_sec}, {eta} left)").expect("valid progress template"),
             );
             bar
         } else {
@@ -380,8 +361,7 @@ impl Scorer {
         for g in &groups {
             let active = g.key.0.map(|a| (a, f32::from_bits(g.key.1)));
             session.set_adapter(active)?;
-            let mut sums: HashMap<usize, Vec<Tally>> =
-                g.sets.iter().map(|&s| (s, vec![Tally::default(); sets[s].len()])).collect();
+            let mut sums: HashMap<usize, Vec<Tally>> = g.sets.iter().map(|&s| (s, vec![Tally::default(); sets[s].len()])).collect();
             for decode in &g.plan {
                 let judge_stop = (self.opts.end == CompletionEnd::None).then_some(self.ends_line.as_slice());
                 let scored = run_decode(&mut session, &mut batch, &sets, decode, judge_stop)?;
@@ -408,9 +388,7 @@ impl Scorer {
                         None => "the base model".into(),
                     };
                     let job = job_set.iter().position(|&s| s == set).unwrap_or(0);
-                    return Err(Error::Llama(format!(
-                        "{what} gave non-finite logits on sample #{i} of job #{job}"
-                    )));
+                    return Err(Error::Llama(format!("{what} gave non-finite logits on sample #{i} of job #{job}")));
                 }
             }
             results.push(sums);
@@ -523,10 +501,8 @@ pub fn kv_align_for(features: &[(String, String)]) -> usize {
 /// sample starting at a multiple of `kv_align` (see [`kv_align`]); samples longer than a batch
 /// get their own chained decodes.
 fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_align: usize) -> Vec<Decode> {
-    let mut items: Vec<(usize, usize, usize)> = which
-        .iter()
-        .flat_map(|&set| sets[set].iter().enumerate().map(move |(i, s)| (set, i, s.tokens.len())))
-        .collect();
+    let mut items: Vec<(usize, usize, usize)> =
+        which.iter().flat_map(|&set| sets[set].iter().enumerate().map(move |(i, s)| (set, i, s.tokens.len()))).collect();
     items.sort_by(|a, b| b.2.cmp(&a.2));
     let max_seq = llama::MAX_SEQUENCES as usize;
     let mut plan = Vec::new();
@@ -668,10 +644,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // The integer n sits in the low mantissa bits of `shifted`: reading it there instead of with
     // a float-to-int cast keeps the loop vectorised (Rust's saturating cast is not).
     let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
@@ -709,10 +682,8 @@ pub fn score_files(base: &Path, sample_files: &[PathBuf], adapters: &[PathBuf], 
     for a in adapters {
         indices.push(Some(scorer.add_adapter(a)?));
     }
-    let jobs: Vec<ScoreJob<'_>> = indices
-        .iter()
-        .flat_map(|&adapter| files.iter().map(move |f| ScoreJob { adapter, scale: 1.0, samples: &f.samples }))
-        .collect();
+    let jobs: Vec<ScoreJob<'_>> =
+        indices.iter().flat_map(|&adapter| files.iter().map(move |f| ScoreJob { adapter, scale: 1.0, samples: &f.samples })).collect();
     let scores = scorer.score(&jobs)?;
     let results = jobs
         .iter()
@@ -737,7 +708,11 @@ impl ScoreReport {
         let wa = self.results.iter().map(|r| adapter_name(r).len()).chain([7]).max().unwrap_or(7);
         let ws = self.results.iter().map(|r| r.samples_file.len()).chain([7]).max().unwrap_or(7);
         let mut out = String::new();
-        let _ = writeln!(out, "{:<wa$}  {:<ws$}  {:>9}  {:>10}  {:>7}  {:>7}  {:>7}", "adapter", "samples", "mean NLL", "perplexity", "tokens", "samples", "exact");
+        let _ = writeln!(
+            out,
+            "{:<wa$}  {:<ws$}  {:>9}  {:>10}  {:>7}  {:>7}  {:>7}",
+            "adapter", "samples", "mean NLL", "perplexity", "tokens", "samples", "exact"
+        );
         for r in &self.results {
             let _ = writeln!(
                 out,

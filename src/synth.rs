@@ -31,17 +31,13 @@ pub fn matrix(rng: &mut impl Rng, rows: usize, cols: usize, std: f32) -> Vec<f32
 /// A random rank-`rank` adapter on `modules` of every layer of `base`, with delta entries of
 /// roughly `delta_std` standard deviation.
 pub fn random_adapter(base: &BaseModel, modules: &[&str], rank: usize, alpha: f32, delta_std: f32, seed: u64) -> Result<LoraAdapter> {
-    let n_layer = base
-        .hparam("block_count")
-        .ok_or_else(|| Error::invalid(&base.path, format!("{}.block_count", base.architecture), "missing"))?;
+    let n_layer = base.hparam("block_count").ok_or_else(|| Error::invalid(&base.path, format!("{}.block_count", base.architecture), "missing"))?;
     let mut rng = rng(seed);
     let mut adapter = LoraAdapter::new(base.architecture.clone(), alpha);
     for layer in 0..n_layer {
         for m in modules {
             let name = format!("blk.{layer}.{m}.weight");
-            let dims = base
-                .tensor_dims(&name)
-                .ok_or_else(|| Error::invalid(&base.path, &name, "the base model has no such tensor"))?;
+            let dims = base.tensor_dims(&name).ok_or_else(|| Error::invalid(&base.path, &name, "the base model has no such tensor"))?;
             let (n_in, n_out) = (dims[0] as usize, dims[1] as usize);
             // With A ~ N(0, sa^2), B ~ N(0, sb^2): entries of scale * B A have std
             // scale * sa * sb * sqrt(r); pick sa = 1/sqrt(in) and solve for sb.

@@ -71,17 +71,17 @@ fn validate_names_every_problem() {
         &p,
         &[("general.architecture", Value::String("qwen2".into()))],
         &[
-            q("blk.0.attn_q.weight.lora_a", &[576, 8]),                  // lone half
+            q("blk.0.attn_q.weight.lora_a", &[576, 8]), // lone half
             q("blk.0.attn_k.weight.lora_a", &[576, 8]),
-            q("blk.0.attn_k.weight.lora_b", &[8, 576]),                  // wrong output size
-            q("blk.1.attn_q.weight.lora_a", &[8, 576]),                  // transposed
+            q("blk.0.attn_k.weight.lora_b", &[8, 576]), // wrong output size
+            q("blk.1.attn_q.weight.lora_a", &[8, 576]), // transposed
             q("blk.1.attn_q.weight.lora_b", &[8, 576]),
-            q("blk.0.attn_q.weight.lora_x", &[576, 8]),                  // bad suffix
-            q("blk.99.attn_q.weight.lora_a", &[576, 8]),                 // no such base tensor
+            q("blk.0.attn_q.weight.lora_x", &[576, 8]),  // bad suffix
+            q("blk.99.attn_q.weight.lora_a", &[576, 8]), // no such base tensor
             q("blk.99.attn_q.weight.lora_b", &[8, 576]),
-            q("token_embd.weight.lora_a", &[8, 49152]),                  // tied model
+            q("token_embd.weight.lora_a", &[8, 49152]), // tied model
             q("token_embd.weight.lora_b", &[8, 576]),
-            q("blk.0.attn_norm.weight", &[576]),                         // skipped by llama.cpp
+            q("blk.0.attn_norm.weight", &[576]), // skipped by llama.cpp
         ],
     );
     let (code, out) = validate(&p);
@@ -96,7 +96,10 @@ fn validate_names_every_problem() {
         ("token_embd.weight.lora_a", "tied embeddings"),
     ];
     for (field, text) in must {
-        assert!(out.lines().any(|l| l.contains(common::path_str(&p)) && l.contains(field) && l.contains(text)), "missing '{field}' / '{text}' in:\n{out}");
+        assert!(
+            out.lines().any(|l| l.contains(common::path_str(&p)) && l.contains(field) && l.contains(text)),
+            "missing '{field}' / '{text}' in:\n{out}"
+        );
     }
     assert!(!out.contains("attn_norm"), "norm tensors are skipped as llama.cpp does:\n{out}");
 }
@@ -118,7 +121,11 @@ fn validate_finds_nan_and_wrong_type_keys() {
     assert!(out.contains("adapter.alora.invocation_tokens"), "{out}");
 
     let p2 = dir.path().join("type.gguf");
-    raw_adapter(&p2, &[("general.type", Value::String("model".into())), ("adapter.lora.alpha", Value::U32(16))], &[q("blk.0.attn_q.weight.lora_a", &[576, 8]), q("blk.0.attn_q.weight.lora_b", &[8, 576])]);
+    raw_adapter(
+        &p2,
+        &[("general.type", Value::String("model".into())), ("adapter.lora.alpha", Value::U32(16))],
+        &[q("blk.0.attn_q.weight.lora_a", &[576, 8]), q("blk.0.attn_q.weight.lora_b", &[8, 576])],
+    );
     let (code, out) = validate(&p2);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("general.type") && out.contains("\"model\""), "{out}");

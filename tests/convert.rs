@@ -38,9 +38,7 @@ fn case_dir(family: &str, case: &str) -> PathBuf {
 fn peft_scales(case: &Path) -> BTreeMap<String, f32> {
     let text = std::fs::read_to_string(case.join("peft_scaling.json")).expect("peft_scaling.json");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    rows.iter()
-        .map(|r| (r["gguf"].as_str().unwrap().to_string(), r["scale"].as_f64().unwrap() as f32))
-        .collect()
+    rows.iter().map(|r| (r["gguf"].as_str().unwrap().to_string(), r["scale"].as_f64().unwrap() as f32)).collect()
 }
 
 fn scaled_delta(adapter: &LoraAdapter, name: &str, scale: Option<f32>) -> Vec<f32> {
@@ -76,11 +74,7 @@ fn assert_matches_peft_at(dir: &Path, ours: &LoraAdapter) {
     let reference = LoraAdapter::read(dir.join("reference.gguf")).unwrap();
     let scales = peft_scales(dir);
     assert_eq!(ours.architecture, reference.architecture, "{what}");
-    assert_eq!(
-        ours.targets.keys().collect::<Vec<_>>(),
-        reference.targets.keys().collect::<Vec<_>>(),
-        "{what}: tensor set"
-    );
+    assert_eq!(ours.targets.keys().collect::<Vec<_>>(), reference.targets.keys().collect::<Vec<_>>(), "{what}: tensor set");
     assert_eq!(scales.keys().collect::<Vec<_>>(), reference.targets.keys().collect::<Vec<_>>(), "{what}: fixture");
     for (name, t) in &ours.targets {
         let r = &reference.targets[name];
@@ -281,10 +275,8 @@ fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, (safetensors
     let mut map: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> =
         st.iter().map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     edit(&mut map);
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = map
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        map.iter().map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(&path, out).unwrap();
 }
@@ -363,7 +355,12 @@ fn bad_inputs_are_refused_and_nothing_is_written() {
     let bert = work.path().join("bert.gguf");
     let mut w = GgufWriter::default();
     w.set("general.architecture", Value::String("bert".into()));
-    w.tensors.push(TensorOut { name: "blk.0.attn_q.weight".into(), dims: vec![64, 64], ggml_type: DType::F32.ggml_type(), data: vec![0; 64 * 64 * 4] });
+    w.tensors.push(TensorOut {
+        name: "blk.0.attn_q.weight".into(),
+        dims: vec![64, 64],
+        ggml_type: DType::F32.ggml_type(),
+        data: vec![0; 64 * 64 * 4],
+    });
     w.write_atomic(&bert, &[]).unwrap();
     assert_refused(&llama_lora, &bert, out_dir.path(), "bert.gguf", &["bert is not supported", "llama, qwen2"]);
 
@@ -413,7 +410,8 @@ fn cli_converts_one_and_a_directory_of_adapters() {
     let work = tempdir();
     let out = work.path().join("one.gguf");
     let peft = case_dir("gemma3", "lora").join("peft");
-    let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&peft), "--base", path_str(&base_of("gemma3")), "-o", path_str(&out), "--dtype", "f16"]);
+    let (code, _, stderr) =
+        run_cli(&["convert", "--peft", path_str(&peft), "--base", path_str(&base_of("gemma3")), "-o", path_str(&out), "--dtype", "f16"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("wrote"), "{stderr}");
     let (code, stdout, _) = run_cli(&["validate", "--base", path_str(&base_of("gemma3")), path_str(&out)]);
@@ -471,7 +469,8 @@ fn without_dtype_the_output_keeps_the_inputs_storage_type() {
         assert_eq!(mine.ggml_type, t.ggml_type, "{}", t.name);
     }
     let explicit = dir.path().join("explicit-f16.gguf");
-    let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&explicit), "--dtype", "f16"]);
+    let (code, _, stderr) =
+        run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&explicit), "--dtype", "f16"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&explicit).unwrap(), "default differs from --dtype f16");
     // Merging or cutting f16 adapters without --dtype writes f16 too: a rank-1 cut of this
@@ -487,7 +486,8 @@ fn without_dtype_the_output_keeps_the_inputs_storage_type() {
     assert!(half < full * 3 / 5, "rank {rank} -> 1 in f16: {half} bytes of {full}");
     // An explicit --dtype still wins.
     let f32_out = dir.path().join("f32.gguf");
-    let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&f32_out), "--dtype", "f32"]);
+    let (code, _, stderr) =
+        run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&f32_out), "--dtype", "f32"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(GgufFile::open(&f32_out).unwrap().tensors.iter().all(|t| t.ggml_type == d2c_gguf::ffi::GGML_TYPE_F32));
 }

@@ -37,17 +37,11 @@ fn reference_first_lines(adapter: Option<&Path>, prompts: &[&str], max_tokens: u
     let active = adapter.map(|_| (0, 1.0));
     let mut session = model.session(256, 256, 1, Some(1), &mut adapters).unwrap();
     session.set_adapter(active).unwrap();
-    prompts
-        .iter()
-        .map(|p| prediction_of(&greedy(&model, &mut session, p, max_tokens).unwrap()).to_string())
-        .collect()
+    prompts.iter().map(|p| prediction_of(&greedy(&model, &mut session, p, max_tokens).unwrap()).to_string()).collect()
 }
 
 fn write_tests(path: &Path, rows: &[(&str, String)]) {
-    let text: String = rows
-        .iter()
-        .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n")
-        .collect();
+    let text: String = rows.iter().map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n").collect();
     std::fs::write(path, text).unwrap();
 }
 
@@ -65,8 +59,7 @@ fn task_set() -> (tempfile::TempDir, Vec<(String, usize, Vec<String>)>) {
         // Prompts whose answer under this adapter is not an empty first line (a completion must
         // not be empty), at most 6.
         let all = reference_first_lines(Some(&adapter), &SYNTH_PROMPTS, MAX_TOKENS);
-        let (prompts, answers): (Vec<&str>, Vec<String>) =
-            SYNTH_PROMPTS.iter().copied().zip(all).filter(|(_, a)| !a.is_empty()).take(6).unzip();
+        let (prompts, answers): (Vec<&str>, Vec<String>) = SYNTH_PROMPTS.iter().copied().zip(all).filter(|(_, a)| !a.is_empty()).take(6).unzip();
         assert!(prompts.len() >= 4, "{task}: the adapter leaves too few non-empty answers");
         let mut rows = vec![];
         let mut correct = 0;
@@ -183,7 +176,8 @@ fn manifest_routes_tasks_and_refuses_tampered_adapters() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&file, bytes).unwrap();
-    let (code, _, err) = cli(&["eval", "--base", common::path_str(&base), "--tests", common::path_str(&tests), "--manifest", common::path_str(&manifest)]);
+    let (code, _, err) =
+        cli(&["eval", "--base", common::path_str(&base), "--tests", common::path_str(&tests), "--manifest", common::path_str(&manifest)]);
     assert_eq!(code, 1);
     assert!(err.contains("adapters[0].blake3") && err.contains("manifest.json"), "{err}");
 }
@@ -199,15 +193,8 @@ fn refuses_missing_tests_and_adapters_before_any_work() {
     write_tests(&dir.path().join("gamma.jsonl"), &[("Q: 1+1?\nA:", " 2".to_string())]);
     let adapters = dir.path().join("adapters");
     std::fs::create_dir_all(&adapters).unwrap();
-    let (code, _, err) = cli(&[
-        "eval",
-        "--base",
-        common::path_str(&base),
-        "--tests",
-        common::path_str(dir.path()),
-        "--adapters",
-        common::path_str(&adapters),
-    ]);
+    let (code, _, err) =
+        cli(&["eval", "--base", common::path_str(&base), "--tests", common::path_str(dir.path()), "--adapters", common::path_str(&adapters)]);
     assert_eq!(code, 1);
     assert!(err.contains("gamma.gguf") && err.contains("task gamma"), "{err}");
 

@@ -29,7 +29,9 @@ fn task_set() -> PathBuf {
 fn merge_args(out: &Path, cache: &Path) -> Vec<String> {
     let set = task_set();
     let mut args: Vec<String> = vec!["merge".into(), "--base".into(), common::base_model().display().to_string()];
-    for (flag, path) in [("--adapters", set.join("adapters")), ("--samples", set.join("samples")), ("--out", out.to_path_buf()), ("--cache", cache.to_path_buf())] {
+    for (flag, path) in
+        [("--adapters", set.join("adapters")), ("--samples", set.join("samples")), ("--out", out.to_path_buf()), ("--cache", cache.to_path_buf())]
+    {
         args.push(flag.into());
         args.push(path.display().to_string());
     }

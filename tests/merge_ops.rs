@@ -5,8 +5,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use d2c_gguf::adapter::{DType, LoraAdapter, LoraTarget, KEY_TASK_NAME};
-use d2c_gguf::gguf::Value;
 use d2c_gguf::base::BaseModel;
+use d2c_gguf::gguf::Value;
 use d2c_gguf::merge::{self, MergeOptions, Method};
 use d2c_gguf::synth;
 use faer::Mat;
@@ -110,9 +110,7 @@ fn cat_is_the_exact_weighted_sum() {
 
 #[test]
 fn svd_error_is_the_optimal_tail() {
-    let inputs: Vec<LoraAdapter> = (0..4)
-        .map(|s| adapter("llama", 16.0, &SHAPES.map(|(n, o, i)| (n, o, i, 8)), 10 + s))
-        .collect();
+    let inputs: Vec<LoraAdapter> = (0..4).map(|s| adapter("llama", 16.0, &SHAPES.map(|(n, o, i)| (n, o, i, 8)), 10 + s)).collect();
     let refs: Vec<&LoraAdapter> = inputs.iter().collect();
     let rank = 8;
     let (out, report) = merge::merge_with_report(&refs, &MergeOptions { rank: Some(rank), ..Default::default() }).unwrap();
@@ -422,7 +420,18 @@ fn cli_merge_adapters() {
     let out = dir.path().join("merged.gguf");
     let f: Vec<&str> = files.iter().map(|p| common::path_str(p)).collect();
     let (code, _, err) = common::run_cli(&[
-        "merge-adapters", "--method", "svd", "--rank", "6", "--weights", "0.5,-0.25,1", f[0], f[1], f[2], "-o", common::path_str(&out),
+        "merge-adapters",
+        "--method",
+        "svd",
+        "--rank",
+        "6",
+        "--weights",
+        "0.5,-0.25,1",
+        f[0],
+        f[1],
+        f[2],
+        "-o",
+        common::path_str(&out),
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("merged 3 adapters with svd"), "{err}");

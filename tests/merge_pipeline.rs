@@ -231,7 +231,19 @@ fn bad_inputs_are_refused_before_any_work_and_nothing_is_written() {
     std::fs::copy(set.join("adapters/g0-t0.gguf"), adapters.join("alpha.gguf")).unwrap();
     std::fs::copy(set.join("samples/g0-t1.jsonl"), samples.join("beta.jsonl")).unwrap();
     let run = |adapters: &Path, samples: &Path, extra: &[&str]| {
-        let mut args = vec!["merge", "--base", common::path_str(&base), "--adapters", common::path_str(adapters), "--samples", common::path_str(samples), "--budget", "1", "--out", common::path_str(&out)];
+        let mut args = vec![
+            "merge",
+            "--base",
+            common::path_str(&base),
+            "--adapters",
+            common::path_str(adapters),
+            "--samples",
+            common::path_str(samples),
+            "--budget",
+            "1",
+            "--out",
+            common::path_str(&out),
+        ];
         args.extend_from_slice(extra);
         common::run_cli(&args)
     };
@@ -252,7 +264,10 @@ fn bad_inputs_are_refused_before_any_work_and_nothing_is_written() {
     assert!(!out.exists());
 
     // A broken samples file names the file and line.
-    synth::random_adapter(&BaseModel::open(&base).unwrap(), &["attn_q"], 4, 4.0, 0.01, 1).unwrap().write(&adapters.join("beta.gguf"), DType::F16, &[]).unwrap();
+    synth::random_adapter(&BaseModel::open(&base).unwrap(), &["attn_q"], 4, 4.0, 0.01, 1)
+        .unwrap()
+        .write(&adapters.join("beta.gguf"), DType::F16, &[])
+        .unwrap();
     std::fs::write(samples.join("beta.jsonl"), "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n").unwrap();
     let (code, _, e) = run(&adapters, &samples, &[]);
     assert_eq!(code, 1);
@@ -281,11 +296,24 @@ fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
     let base = common::base_model();
     let (adapters, samples) = (set.join("adapters"), set.join("samples"));
     let args = [
-        "merge", "--base", common::path_str(&base), "--adapters", common::path_str(&adapters), "--samples",
-        common::path_str(&samples), "--budget", "2", "--out", common::path_str(&out), "--cache", common::path_str(&cache),
-        "--threads", "2",
+        "merge",
+        "--base",
+        common::path_str(&base),
+        "--adapters",
+        common::path_str(&adapters),
+        "--samples",
+        common::path_str(&samples),
+        "--budget",
+        "2",
+        "--out",
+        common::path_str(&out),
+        "--cache",
+        common::path_str(&cache),
+        "--threads",
+        "2",
     ];
-    let mut child = std::process::Command::new(common::bin()).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child =
+        std::process::Command::new(common::bin()).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
     // Kill it once it has scored something (the cache file grows), well before it can finish.
     let scores = cache.join("scores.jsonl");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -342,10 +370,7 @@ fn a_byte_budget_is_met_by_choosing_ranks() {
 fn truncation_keeps_every_task_apart_within_the_bytes() {
     let dir = common::tempdir();
     let n = GROUPS * PER_GROUP;
-    let input_bytes: u64 = std::fs::read_dir(task_set().join("adapters"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    let input_bytes: u64 = std::fs::read_dir(task_set().join("adapters")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     let n_str = n.to_string();
     // A quarter of the bytes: rank 8 cannot fit, some lower rank must.
     let budget = input_bytes / 4;

@@ -59,13 +59,9 @@ impl Scenario {
 
 fn scenario(adapters: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Scenario> {
     (prop::collection::vec((1usize..=12, 1usize..=12), 1..=3), adapters, any::<u64>()).prop_flat_map(|(shapes, n, seed)| {
-        let spec = (
-            prop::collection::vec(prop::option::weighted(0.8, 1usize..=4), shapes.len()),
-            prop_oneof![Just(0.0f32), 0.5f32..32.0],
-        )
+        let spec = (prop::collection::vec(prop::option::weighted(0.8, 1usize..=4), shapes.len()), prop_oneof![Just(0.0f32), 0.5f32..32.0])
             .prop_map(|(ranks, alpha)| AdapterSpec { ranks, alpha });
-        (Just(shapes), prop::collection::vec(spec, n), Just(seed))
-            .prop_map(|(shapes, adapters, seed)| Scenario { shapes, adapters, seed })
+        (Just(shapes), prop::collection::vec(spec, n), Just(seed)).prop_map(|(shapes, adapters, seed)| Scenario { shapes, adapters, seed })
     })
 }
 

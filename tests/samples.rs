@@ -26,10 +26,7 @@ fn reads_samples_skipping_blank_lines_and_extra_keys() {
                 {\"prompt\": \"\", \"completion\": \"<|im_end|>\\n\"}";
     let p = write(dir.path(), "ok.jsonl", text.as_bytes());
     let file = read_sample_file(&p).unwrap();
-    assert_eq!(
-        file.samples,
-        vec![sample("2+2=", "4"), sample("Capital of France:", " Paris"), sample("", "<|im_end|>\n")]
-    );
+    assert_eq!(file.samples, vec![sample("2+2=", "4"), sample("Capital of France:", " Paris"), sample("", "<|im_end|>\n")]);
     assert_eq!(file.lines, vec![1, 4, 5]);
     assert_eq!(file.location(1), format!("{}:4", p.display()));
     assert_eq!(read_samples(&p).unwrap(), file.samples);

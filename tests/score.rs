@@ -133,7 +133,12 @@ fn batched_scoring_equals_one_sample_at_a_time() {
 }
 
 /// Decodes `tokens` as one sequence and returns the logits after its last token.
-fn last_logits(model: &Model, adapter: Option<(usize, f32)>, adapters: &mut [d2c_gguf::llama::Adapter], tokens: &[d2c_gguf::llama::Token]) -> Vec<f32> {
+fn last_logits(
+    model: &Model,
+    adapter: Option<(usize, f32)>,
+    adapters: &mut [d2c_gguf::llama::Adapter],
+    tokens: &[d2c_gguf::llama::Token],
+) -> Vec<f32> {
     let mut session = model.session(256, 256, 1, Some(THREADS), adapters).unwrap();
     session.set_adapter(adapter).unwrap();
     let mut batch = Batch::new(256, 1);
@@ -186,8 +191,7 @@ fn one_token_completion_equals_log_softmax_of_raw_logits() {
                 }
                 candidates.push((target, vec![sample]));
             }
-            let jobs: Vec<ScoreJob<'_>> =
-                candidates.iter().map(|(_, one)| ScoreJob { adapter: job_adapter, scale: 1.0, samples: one }).collect();
+            let jobs: Vec<ScoreJob<'_>> = candidates.iter().map(|(_, one)| ScoreJob { adapter: job_adapter, scale: 1.0, samples: one }).collect();
             let got = scorer.score(&jobs).unwrap();
             for ((target, one), got) in candidates.iter().zip(&got) {
                 let expected = -log_softmax_f64(&logits, *target);
@@ -297,8 +301,17 @@ fn cli_scores_base_and_adapters_as_json_and_table() {
     let f2 = write_jsonl("two.jsonl", second);
     let base = common::base_model();
     let args = [
-        "score", "--base", common::path_str(&base), "--samples", common::path_str(&f1), common::path_str(&f2),
-        "--adapter", common::path_str(&adapter), "--threads", "1", "--json",
+        "score",
+        "--base",
+        common::path_str(&base),
+        "--samples",
+        common::path_str(&f1),
+        common::path_str(&f2),
+        "--adapter",
+        common::path_str(&adapter),
+        "--threads",
+        "1",
+        "--json",
     ];
     let (code, out, err) = common::run_cli(&args);
     assert_eq!(code, 0, "{err}");
@@ -308,9 +321,8 @@ fn cli_scores_base_and_adapters_as_json_and_table() {
 
     let mut scorer = Scorer::new(&base, opts(256)).unwrap();
     let a = scorer.add_adapter(&adapter).unwrap();
-    let expected = scorer
-        .score(&[ScoreJob::base(first), ScoreJob::base(second), ScoreJob::with_adapter(a, first), ScoreJob::with_adapter(a, second)])
-        .unwrap();
+    let expected =
+        scorer.score(&[ScoreJob::base(first), ScoreJob::base(second), ScoreJob::with_adapter(a, first), ScoreJob::with_adapter(a, second)]).unwrap();
     for (i, (r, e)) in results.iter().zip(&expected).enumerate() {
         let want_adapter = if i < 2 { serde_json::Value::Null } else { serde_json::json!(common::path_str(&adapter)) };
         assert_eq!(r["adapter"], want_adapter);

@@ -51,11 +51,8 @@ impl Server {
             .stderr(out)
             .spawn()
             .expect("start llama-server");
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(60)))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).http_status_as_error(false).build().into();
         let mut server = Server { child, url: format!("http://127.0.0.1:{port}"), log, agent };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -98,12 +95,8 @@ impl Server {
         );
         // Newer servers: completion_probabilities[0].top_logprobs[{id, logprob}]; older ones:
         // completion_probabilities[0].probs[{tok_str, prob}] (no id) are not accepted here.
-        let top = v["completion_probabilities"][0]["top_logprobs"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no top_logprobs in the reply: {v}"));
-        top.iter()
-            .map(|t| (t["id"].as_i64().expect("token id") as i32, t["logprob"].as_f64().expect("logprob")))
-            .collect()
+        let top = v["completion_probabilities"][0]["top_logprobs"].as_array().unwrap_or_else(|| panic!("no top_logprobs in the reply: {v}"));
+        top.iter().map(|t| (t["id"].as_i64().expect("token id") as i32, t["logprob"].as_f64().expect("logprob"))).collect()
     }
 }
 

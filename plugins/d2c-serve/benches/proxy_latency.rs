@@ -38,9 +38,7 @@ fn args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).filter(|s| s != "--bench").collect();
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> f64 {
-            it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number"))
-        };
+        let mut value = |name: &str| -> f64 { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number")) };
         match flag.as_str() {
             "--requests" => a.requests = value(flag) as usize,
             "--concurrency" => a.concurrency = value(flag).max(1.0) as usize,
@@ -127,7 +125,13 @@ fn throughput(clients: usize, total: usize, max: Duration, url: &str, body: &Val
 fn row(name: &str, routed: &Stats, direct: &Stats, diff: &Stats) {
     println!(
         "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} |",
-        routed.n, direct.p50, routed.p50, direct.p99, routed.p99, routed.p50 - direct.p50, diff.p50
+        routed.n,
+        direct.p50,
+        routed.p50,
+        direct.p99,
+        routed.p99,
+        routed.p50 - direct.p50,
+        diff.p50
     );
 }
 

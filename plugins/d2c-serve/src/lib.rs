@@ -73,7 +73,8 @@ pub struct Options {
 }
 
 /// Flags the plugin sets itself: passing them again would silently fight the plugin's choice.
-const RESERVED_SERVER_FLAGS: [&str; 8] = ["-m", "--model", "--host", "--port", "--lora", "--lora-scaled", "--lora-init-without-apply", "--api-prefix"];
+const RESERVED_SERVER_FLAGS: [&str; 8] =
+    ["-m", "--model", "--host", "--port", "--lora", "--lora-scaled", "--lora-init-without-apply", "--api-prefix"];
 
 impl Options {
     fn check(&self) -> Result<()> {
@@ -111,12 +112,15 @@ pub async fn run(opts: Options) -> Result<()> {
     let started = Instant::now();
     // Hash before anything is started: a mismatch must leave no process behind.
     let table = Arc::new(RoutingTable::load(&opts.manifest)?);
-    log::event("manifest_verified", json!({
-        "manifest": opts.manifest.display().to_string(),
-        "adapters": table.adapters().len(),
-        "tasks": table.task_count(),
-        "ms": started.elapsed().as_secs_f64() * 1e3,
-    }));
+    log::event(
+        "manifest_verified",
+        json!({
+            "manifest": opts.manifest.display().to_string(),
+            "adapters": table.adapters().len(),
+            "tasks": table.task_count(),
+            "ms": started.elapsed().as_secs_f64() * 1e3,
+        }),
+    );
 
     let client = proxy::upstream_client();
     // Registered before the child exists so that no signal can kill us between spawn and serve
@@ -160,9 +164,8 @@ pub async fn run(opts: Options) -> Result<()> {
         return Err(e);
     }
 
-    let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port));
+    let listener =
+        tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await.with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port));
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {
@@ -179,13 +182,16 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let mode = if child.is_some() { "child" } else { "attach" };
     let proxy = Arc::new(Proxy::new(table.clone(), upstream.clone(), client, limits, mode));
-    log::event("listening", json!({
-        "addr": addr.to_string(),
-        "upstream": upstream.url(),
-        "mode": mode,
-        "tasks": table.task_count(),
-        "startup_ms": started.elapsed().as_secs_f64() * 1e3,
-    }));
+    log::event(
+        "listening",
+        json!({
+            "addr": addr.to_string(),
+            "upstream": upstream.url(),
+            "mode": mode,
+            "tasks": table.task_count(),
+            "startup_ms": started.elapsed().as_secs_f64() * 1e3,
+        }),
+    );
 
     let outcome = tokio::select! {
         r = proxy::serve(listener, proxy, opts.max_connections) => r.context("accept loop failed"),

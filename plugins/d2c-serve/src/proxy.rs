@@ -158,7 +158,9 @@ impl Proxy {
             (_, "/health" | "/v1/models" | "/models" | "/v1/completions" | "/v1/chat/completions" | "/completion" | "/props") => {
                 Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method())))
             }
-            (_, p) if PASSTHROUGH_POST.contains(&p) => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method()))),
+            (_, p) if PASSTHROUGH_POST.contains(&p) => {
+                Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method())))
+            }
             _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("d2c-serve has no endpoint {} {path}", req.method()))),
         }
     }
@@ -166,7 +168,8 @@ impl Proxy {
     async fn route_and_forward(&self, req: Request<Incoming>, field: TaskField, entry: &mut RequestLog) -> Result<Response<ProxyBody>, ApiError> {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
-        let mut json: Value = serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))?;
+        let mut json: Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))?;
         let Some(object) = json.as_object_mut() else {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "the JSON body must be an object"));
         };
@@ -177,7 +180,9 @@ impl Proxy {
         let task = match &named {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.as_str()),
-            Some(other) => return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("`{}` must be a string naming a task, got {other}", field.name()))),
+            Some(other) => {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("`{}` must be a string naming a task, got {other}", field.name())))
+            }
         };
         let route = self.table.route(task).map_err(|unknown| ApiError {
             status: StatusCode::NOT_FOUND,

@@ -69,11 +69,7 @@ impl RoutingTable {
 
     fn new(manifest_path: PathBuf, base_model: PathBuf, adapters: Vec<AdapterSlot>, manifest: &Manifest) -> Self {
         let lora_list = |chosen: Option<usize>| -> Value {
-            Value::Array(
-                (0..adapters.len())
-                    .map(|id| json!({"id": id, "scale": if Some(id) == chosen { 1.0 } else { 0.0 }}))
-                    .collect(),
-            )
+            Value::Array((0..adapters.len()).map(|id| json!({"id": id, "scale": if Some(id) == chosen { 1.0 } else { 0.0 }})).collect())
         };
         let lora_for_adapter = (0..adapters.len()).map(|i| lora_list(Some(i))).collect();
         let lora_for_base = lora_list(None);

@@ -89,9 +89,7 @@ impl ChildServer {
         // and stopping signals the whole group.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         sys::kill_child_when_parent_dies(&mut cmd);
-        let child = tokio::process::Command::from(cmd)
-            .spawn()
-            .with_context(|| format!("cannot start llama-server {}", program.display()))?;
+        let child = tokio::process::Command::from(cmd).spawn().with_context(|| format!("cannot start llama-server {}", program.display()))?;
         let pid = child.id().context("llama-server exited at once")?;
         Ok(ChildServer { child, pid, reaped: false })
     }

@@ -168,7 +168,8 @@ fn streams_sse_and_rejects_bad_requests() {
     assert_eq!(status, 404, "{text}");
     assert_eq!(json_of(&text)["error"]["task"], "no-such-task");
     assert!(text.contains("no-such-task"));
-    let (status, text) = post(&agent, &plugin.url("/v1/chat/completions"), &json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}));
+    let (status, text) =
+        post(&agent, &plugin.url("/v1/chat/completions"), &json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}));
     assert_eq!(status, 404, "{text}");
     assert!(json_of(&text)["error"]["message"].as_str().unwrap().contains("\"nope\""));
 

@@ -92,7 +92,15 @@ impl Fixture {
             objective: Objective { initial: 0.0, best: 0.0, best_round: 0 },
             rounds: vec![],
             scores: BTreeMap::new(),
-            storage: Storage { bytes: 0, input_bytes: 0, n_inputs: 0, n_outputs: n_adapters, count_fraction: 0.0, byte_fraction: 0.0, budget_bytes: None },
+            storage: Storage {
+                bytes: 0,
+                input_bytes: 0,
+                n_inputs: 0,
+                n_outputs: n_adapters,
+                count_fraction: 0.0,
+                byte_fraction: 0.0,
+                budget_bytes: None,
+            },
             scoring: ScoringStats { scored_sequences: 0, cached_sequences: 0 },
             timings: BTreeMap::new(),
         };
@@ -115,13 +123,8 @@ pub struct Plugin {
 /// Runs the plugin to its `listening` line, or returns its exit status and log if it exits first.
 pub fn try_start_plugin(args: &[&str], log: &Path) -> Result<Plugin, (i32, String)> {
     let logf = std::fs::File::create(log).unwrap();
-    let mut child = Command::new(plugin_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .expect("start d2c-serve");
+    let mut child =
+        Command::new(plugin_bin()).args(args).stdin(Stdio::null()).stdout(logf.try_clone().unwrap()).stderr(logf).spawn().expect("start d2c-serve");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
