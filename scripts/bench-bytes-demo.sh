@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Quality per byte on the demo set (4 real PEFT adapters, 40 held-out tests each): every task's
-# own adapter cut to 1/F of the bytes (truncate, truncate-energy) against merging at about the
-# same bytes (d2c at K = 2 and 1). A quick look, not the 36-task benchmark
+# own adapter cut to 1/F of the bytes (truncate, truncate-energy), the allocator (sizes chosen on
+# the examples, merging only where nothing else fits) and merging at about the same bytes (d2c at
+# K = 2 and 1). A quick look, not the 36-task benchmark
 # (scripts/quality/sweep.py run --strategies truncate,truncate-energy --fractions ... is that).
-#   scripts/bench-bytes-demo.sh [F,F,...]          (default 2,4,8,16; about 6 minutes on 2 cores)
+#   scripts/bench-bytes-demo.sh [F,F,...]          (default 2,4,8,16,32,64; about 15 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FRACS="${1:-2,4,8,16}"
+FRACS="${1:-2,4,8,16,32,64}"
 . scripts/setup-env.sh
 d2c_setup_env
 cargo build -q --release --locked --bin d2c-gguf
@@ -42,8 +43,8 @@ merged() {  # merged LABEL MERGE-ARGS...
   row "$label" --manifest "$OUT/$label/manifest.json"
 }
 for f in ${FRACS//,/ }; do
-  for s in truncate truncate-energy; do
-    merged "$s-1of$f" --budget 4 --strategy "$s" --budget-bytes $((input / f)) || echo "| $s-1of$f | does not fit: $(tail -1 "$OUT/$s-1of$f.err") |"
+  for s in truncate truncate-energy allocate; do
+    merged "$s-1of$f" --strategy "$s" --budget-bytes $((input / f)) || echo "| $s-1of$f | does not fit: $(tail -1 "$OUT/$s-1of$f.err") |"
   done
 done
 merged d2c-K2 --budget 2

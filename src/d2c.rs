@@ -2,10 +2,11 @@
 //!
 //! read adapters -> similarity -> initial clusters -> [merge -> score every task under every
 //! merged adapter -> reassign]* -> tune each cluster's merge -> write adapters + manifest.
-//! The objective is the mean over tasks of the normalised regret
-//! `(nll_merged - nll_own) / (nll_base - nll_own)`, computed on each task's examples by
-//! llama.cpp itself; the best assignment seen is kept, so D2C never ends worse (on the
-//! examples) than the weight-space clusters it starts from.
+//! Under a byte budget the default is instead the allocator (`allocate.rs`): every task its
+//! own adapter at the size its examples say is worth the bytes, merging only where nothing
+//! else fits. The objective (`objective.rs`) compares each task's examples under a candidate
+//! with its own adapter, scored by llama.cpp itself (`evaluator.rs`); the best assignment seen
+//! is kept, so D2C never ends worse (on the examples) than the clusters it starts from.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -21,11 +22,13 @@ use crate::base::BaseModel;
 use crate::cluster::{self, Assignment};
 use crate::compress;
 use crate::error::{Error, Result};
+use crate::evaluator::{Candidate, Evaluator, ScoreCache};
 use crate::gguf::Value;
 use crate::manifest::{self, AdapterEntry, BaseEntry, Manifest, MergeChoice, Objective, Round, ScoringStats, Storage, TaskScores};
 use crate::merge::{self, MergeOptions, Method};
+use crate::objective::{ExampleObjective, Judge, TaskScore};
 use crate::samples::{self, Sample};
-use crate::score::{CompletionEnd, ScoreJob, ScoreOptions, Scorer};
+use crate::score::{CompletionEnd, ScoreOptions, Scorer};
 use crate::similarity;
 use crate::validate;
 
@@ -45,6 +48,10 @@ pub enum Strategy {
     /// No merging: every task keeps its own adapter, with per-target ranks chosen by singular
     /// value energy under `--budget-bytes` (targets may be dropped).
     TruncateEnergy,
+    /// Under `--budget-bytes`: every task its own adapter at the size its examples say is worth
+    /// the bytes (uniform or per-target ranks, targets dropped below rank 1), merged with
+    /// others only where even the smallest sizes do not fit or `--budget` caps the files.
+    Allocate,
 }
 
 impl Strategy {
@@ -64,7 +71,8 @@ impl FromStr for Strategy {
             "single" => Strategy::Single,
             "truncate" => Strategy::Truncate,
             "truncate-energy" => Strategy::TruncateEnergy,
-            _ => return Err(format!("unknown strategy '{s}' (expected d2c, kmeans, random, single, truncate or truncate-energy)")),
+            "allocate" => Strategy::Allocate,
+            _ => return Err(format!("unknown strategy '{s}' (expected d2c, kmeans, random, single, truncate, truncate-energy or allocate)")),
         })
     }
 }
@@ -78,6 +86,7 @@ impl fmt::Display for Strategy {
             Strategy::Single => "single",
             Strategy::Truncate => "truncate",
             Strategy::TruncateEnergy => "truncate-energy",
+            Strategy::Allocate => "allocate",
         })
     }
 }
@@ -114,7 +123,8 @@ pub struct MergeRunOptions {
     pub base: PathBuf,
     pub adapters_dir: PathBuf,
     pub samples_dir: PathBuf,
-    pub budget: usize,
+    /// Number of output adapters (K); under `--budget-bytes` optional, a cap on files.
+    pub budget: Option<usize>,
     pub out: PathBuf,
     pub budget_bytes: Option<u64>,
     pub rank: Option<usize>,
@@ -135,10 +145,12 @@ pub struct MergeRunOptions {
     pub progress: bool,
     /// What is scored after each example's completion.
     pub score_end: CompletionEnd,
+    /// What the rounds, the tuning and the allocation minimise on the examples.
+    pub objective: ExampleObjective,
 }
 
 impl MergeRunOptions {
-    pub fn new(base: PathBuf, adapters_dir: PathBuf, samples_dir: PathBuf, budget: usize, out: PathBuf) -> Self {
+    pub fn new(base: PathBuf, adapters_dir: PathBuf, samples_dir: PathBuf, budget: Option<usize>, out: PathBuf) -> Self {
         MergeRunOptions {
             base,
             adapters_dir,
@@ -161,16 +173,17 @@ impl MergeRunOptions {
             density: 0.5,
             progress: false,
             score_end: CompletionEnd::None,
+            objective: ExampleObjective::Exact,
         }
     }
 }
 
-struct Task {
-    name: String,
-    adapter_path: PathBuf,
-    adapter: LoraAdapter,
-    samples: Vec<Sample>,
-    samples_hash: String,
+pub(crate) struct Task {
+    pub name: String,
+    pub adapter_path: PathBuf,
+    pub adapter: LoraAdapter,
+    pub samples: Vec<Sample>,
+    pub samples_hash: String,
 }
 
 /// Task names from `DIR/<task>.gguf` and `SAMPLES/<task>.jsonl`; every mismatch is reported.
@@ -244,145 +257,9 @@ fn check_out_dir(opts: &MergeRunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Scores keyed by content: (base hash and the CPU kernels that score, adapter file hash or
-/// "base", samples hash). Optionally appended
-/// to a file as they are computed, so an interrupted run resumes without rescoring.
-struct ScoreCache {
-    map: HashMap<String, (f64, usize)>,
-    file: Option<(PathBuf, std::fs::File)>,
-    scoring_id: String,
-}
-
-impl ScoreCache {
-    fn open(dir: Option<&Path>, scoring_id: &str) -> Result<Self> {
-        let mut map = HashMap::new();
-        let file = match dir {
-            None => None,
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                let path = dir.join("scores.jsonl");
-                if path.exists() {
-                    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                    // A kill mid-append leaves a line without its newline; cut it off, or the
-                    // next append would be glued to it and that finished score lost too.
-                    if !text.is_empty() && !text.ends_with('\n') {
-                        let keep = text.rfind('\n').map_or(0, |i| i + 1) as u64;
-                        let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| Error::io(&path, e))?;
-                        f.set_len(keep).map_err(|e| Error::io(&path, e))?;
-                    }
-                    for line in text.lines() {
-                        // A line cut short by a kill is simply not reused.
-                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                            if let (Some(k), Some(n), Some(t)) = (v["key"].as_str(), v["mean_nll"].as_f64(), v["tokens"].as_u64()) {
-                                map.insert(k.to_string(), (n, t as usize));
-                            }
-                        }
-                    }
-                }
-                let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-                Some((path, f))
-            }
-        };
-        Ok(ScoreCache { map, file, scoring_id: scoring_id.to_string() })
-    }
-
-    fn key(&self, adapter_hash: &str, samples_hash: &str) -> String {
-        format!("{}:{adapter_hash}:{samples_hash}", self.scoring_id)
-    }
-
-    fn get(&self, key: &str) -> Option<(f64, usize)> {
-        self.map.get(key).copied()
-    }
-
-    fn put(&mut self, key: String, value: (f64, usize)) -> Result<()> {
-        if let Some((path, f)) = &mut self.file {
-            // One write per line (O_APPEND): a kill leaves whole lines or one cut-off tail.
-            let line = json!({"key": key, "mean_nll": value.0, "tokens": value.1}).to_string() + "\n";
-            f.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
-        }
-        self.map.insert(key, value);
-        Ok(())
-    }
-}
-
-/// Scores candidate adapters (written to a work dir in the output dtype, so what is scored is
-/// byte for byte what would be shipped) and caches by content hash.
-struct Evaluator {
-    scorer: Scorer,
-    cache: ScoreCache,
-    work_dir: PathBuf,
-    loaded: HashMap<String, usize>,
-    dtype: DType,
-    scored_sequences: usize,
-    cached_sequences: usize,
-}
-
-/// A candidate adapter on disk.
-#[derive(Clone)]
-struct Candidate {
-    path: PathBuf,
-    hash: String,
-    bytes: u64,
-    rank: usize,
-}
-
-impl Evaluator {
-    fn write_candidate(&self, adapter: &LoraAdapter, inputs: &[&Path]) -> Result<Candidate> {
-        let w = adapter.to_gguf(self.dtype)?;
-        let mut bytes = Vec::new();
-        w.write_to(&mut bytes).map_err(|e| Error::io(&self.work_dir, e))?;
-        let hash = blake3::hash(&bytes).to_hex().to_string();
-        let path = self.work_dir.join(format!("{hash}.gguf"));
-        if !path.exists() {
-            crate::fsutil::write_atomic(&path, inputs, |f| f.write_all(&bytes))?;
-        }
-        Ok(Candidate { path, hash, bytes: bytes.len() as u64, rank: adapter.max_rank() })
-    }
-
-    /// Mean NLL of each listed task under `candidate` (None = base model).
-    fn nll(&mut self, candidate: Option<&Candidate>, tasks: &[&Task]) -> Result<Vec<f64>> {
-        let adapter_key = candidate.map(|c| c.hash.as_str()).unwrap_or("base");
-        let mut out = vec![f64::NAN; tasks.len()];
-        let mut todo = Vec::new();
-        for (i, t) in tasks.iter().enumerate() {
-            let key = self.cache.key(adapter_key, &t.samples_hash);
-            match self.cache.get(&key) {
-                Some((nll, _)) => {
-                    out[i] = nll;
-                    self.cached_sequences += t.samples.len();
-                }
-                None => todo.push((i, key)),
-            }
-        }
-        if todo.is_empty() {
-            return Ok(out);
-        }
-        let adapter_index = match candidate {
-            None => None,
-            Some(c) => Some(match self.loaded.get(&c.hash) {
-                Some(&i) => i,
-                None => {
-                    let i = self.scorer.add_adapter(&c.path)?;
-                    self.loaded.insert(c.hash.clone(), i);
-                    i
-                }
-            }),
-        };
-        let jobs: Vec<ScoreJob<'_>> =
-            todo.iter().map(|(i, _)| ScoreJob { adapter: adapter_index, scale: 1.0, samples: &tasks[*i].samples }).collect();
-        let results = self.scorer.score(&jobs)?;
-        for ((i, key), r) in todo.into_iter().zip(results) {
-            self.scored_sequences += tasks[i].samples.len();
-            out[i] = r.mean_nll;
-            self.cache.put(key, (r.mean_nll, r.tokens))?;
-        }
-        Ok(out)
-    }
-}
-
-struct ClusterEval {
-    candidate: Candidate,
-    choice: Option<MergeChoice>,
+pub(crate) struct ClusterEval {
+    pub candidate: Candidate,
+    pub choice: Option<MergeChoice>,
 }
 
 /// Ranks a cluster may take under a byte budget: halvings of `start` down to 1, and up to the
@@ -412,10 +289,9 @@ fn allocate_ranks(
     start_rank: usize,
     groups: &[Vec<usize>],
     tasks: &[Task],
-    nll_own: &[f64],
-    nll_base: &[f64],
+    judge: &Judge,
     chosen: &mut [ClusterEval],
-    mut eval: impl FnMut(&[usize], Method, f32, usize, &[&Task]) -> Result<(Candidate, Vec<f64>)>,
+    mut eval: impl FnMut(&[usize], Method, f32, usize, &[&Task]) -> Result<(Candidate, Vec<TaskScore>)>,
 ) -> Result<()> {
     let ladders: Vec<Vec<usize>> =
         groups.iter().map(|g| rank_ladder(start_rank, g.iter().map(|&i| tasks[i].adapter.max_rank()).sum::<usize>().max(1))).collect();
@@ -429,7 +305,7 @@ fn allocate_ranks(
         let members = &groups[c];
         let scored: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
         let (cand, nll) = eval(members, m, s, r, &scored)?;
-        let total = members.iter().zip(&nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum();
+        let total = members.iter().zip(&nll).map(|(&i, &v)| judge.regret(i, v)).sum();
         Ok((cand, total))
     };
     let mut current: Vec<(Candidate, f64)> = Vec::with_capacity(groups.len());
@@ -450,7 +326,9 @@ fn allocate_ranks(
     while total_bytes(&current) > budget_bytes {
         let mut best: Option<(f64, usize, (Candidate, f64))> = None;
         for c in 0..groups.len() {
-            let Some(r) = step(&ladders[c], current[c].0.rank, false) else { continue };
+            let Some(r) = step(&ladders[c], current[c].0.rank, false) else {
+                continue;
+            };
             let next = at_rank(c, r, chosen)?;
             let saved = current[c].0.bytes.saturating_sub(next.0.bytes).max(1) as f64;
             let cost = (next.1 - current[c].1) / saved;
@@ -470,7 +348,9 @@ fn allocate_ranks(
     loop {
         let mut best: Option<(f64, usize, (Candidate, f64))> = None;
         for c in 0..groups.len() {
-            let Some(r) = step(&ladders[c], current[c].0.rank, true) else { continue };
+            let Some(r) = step(&ladders[c], current[c].0.rank, true) else {
+                continue;
+            };
             let next = at_rank(c, r, chosen)?;
             if total_bytes(&current) - current[c].0.bytes + next.0.bytes > budget_bytes {
                 continue;
@@ -551,22 +431,17 @@ fn swap_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<
     pairs.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
 }
 
-/// Normalised regret; a task whose own adapter is no better than the base on its examples
-/// (denominator <= 0) is measured in raw NLL difference instead, so it still counts.
-fn regret(nll: f64, own: f64, base: f64) -> f64 {
-    let span = base - own;
-    if span > 1e-6 {
-        (nll - own) / span
-    } else {
-        nll - own
-    }
-}
-
 pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let t_start = Instant::now();
     let mut timings = BTreeMap::new();
-    if opts.budget == 0 {
+    if opts.budget == Some(0) {
         return Err(Error::Usage("--budget must be at least 1".into()));
+    }
+    if opts.budget.is_none() && opts.budget_bytes.is_none() {
+        return Err(Error::Usage("give --budget (a number of adapters) or --budget-bytes (their total size), or both".into()));
+    }
+    if opts.strategy == Strategy::Allocate && opts.budget_bytes.is_none() {
+        return Err(Error::Usage("--strategy allocate needs --budget-bytes".into()));
     }
     check_out_dir(opts)?;
     let found = discover(&opts.adapters_dir, &opts.samples_dir)?;
@@ -597,13 +472,14 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
     }
     let n = tasks.len();
-    if opts.strategy.keeps_every_task() && opts.budget < n {
+    let max_files = opts.budget.unwrap_or(n);
+    if opts.strategy.keeps_every_task() && max_files < n {
         return Err(Error::Usage(format!(
-            "--strategy {} keeps one adapter per task: --budget (a cap on files) must be at least the {n} tasks, got {}",
-            opts.strategy, opts.budget
+            "--strategy {} keeps one adapter per task: --budget (a cap on files) must be at least the {n} tasks, got {max_files}",
+            opts.strategy
         )));
     }
-    let k = opts.budget.min(n);
+    let k = max_files.min(n);
     let mut rank = opts.rank.unwrap_or_else(|| tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(8));
     let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
     merge::check_compatible(&refs)?;
@@ -650,6 +526,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         work_dir: work_dir.clone(),
         loaded: HashMap::new(),
         dtype: opts.dtype,
+        input_targets: tasks.iter().map(|t| t.adapter.targets.len()).max().unwrap_or(0),
         scored_sequences: 0,
         cached_sequences: 0,
     };
@@ -658,19 +535,19 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     // Ceiling and floor of every task.
     let pb = crate::progress::bar(opts.progress, 2 * n as u64, "own / base scores");
     let task_refs: Vec<&Task> = tasks.iter().collect();
-    let nll_base = ev.nll(None, &task_refs)?;
-    let task_tokens: Vec<usize> =
-        tasks.iter().map(|t| ev.cache.get(&ev.cache.key("base", &t.samples_hash)).map(|(_, tokens)| tokens).unwrap_or(0)).collect();
+    let base_scores = ev.scores(None, &task_refs)?;
+    let task_tokens: Vec<usize> = tasks.iter().map(|t| ev.cache.get(&ev.cache.key("base", &t.samples_hash)).map(|c| c.tokens).unwrap_or(0)).collect();
     pb.inc(n as u64);
-    let mut nll_own = vec![0.0; n];
+    let mut own_scores = Vec::with_capacity(n);
     let mut own_candidates = Vec::with_capacity(n);
     for i in 0..n {
         // The task's own adapter as it would be shipped (in the output dtype).
         let c = ev.write_candidate(&tasks[i].adapter, &input_paths)?;
-        nll_own[i] = ev.nll(Some(&c), &[&tasks[i]])?[0];
+        own_scores.push(ev.scores(Some(&c), &[&tasks[i]])?[0]);
         own_candidates.push(c);
         pb.inc(1);
     }
+    let judge = Judge { objective: opts.objective, own: own_scores, base: base_scores };
     pb.finish_and_clear();
     timings.insert("score_own_base".to_string(), t.elapsed().as_secs_f64());
     let compressed_candidates: Option<Vec<Candidate>> = match &compressed {
@@ -692,7 +569,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     // truncation strategy, else, at (or above) its own rank, its own adapter unchanged;
     // everything else is merged (a singleton below its rank is truncated).
     let eval_cluster =
-        |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize, scored: &[&Task]| -> Result<(Candidate, Vec<f64>)> {
+        |ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize, scored: &[&Task]| -> Result<(Candidate, Vec<TaskScore>)> {
             let cand = if let (Some(cut), [only]) = (&compressed_candidates, members) {
                 cut[*only].clone()
             } else if members.len() == 1 && scale == 1.0 && rank >= tasks[members[0]].adapter.max_rank() {
@@ -701,161 +578,180 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
                 let merged = merge_cluster(members, method, scale, rank)?;
                 ev.write_candidate(&merged, &input_paths)?
             };
-            let nll = ev.nll(Some(&cand), scored)?;
+            let nll = ev.scores(Some(&cand), scored)?;
             Ok((cand, nll))
         };
 
-    // Initial clusters.
-    let t = Instant::now();
-    let similarity = {
-        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
-        similarity::similarity_matrix(&refs)
-    };
-    timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
-    let mut assign: Assignment = match (opts.strategy, opts.init) {
-        _ if k == n => (0..n).collect(),
-        (Strategy::Truncate | Strategy::TruncateEnergy, _) => (0..n).collect(),
-        (Strategy::Single, _) => vec![0; n],
-        (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
-        (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
-    };
-    let k = match opts.strategy {
-        Strategy::Single => 1,
-        s if s.keeps_every_task() => n,
-        _ => k,
-    };
-
-    let t = Instant::now();
-    let mut rounds: Vec<Round> = Vec::new();
-    let mut seen: HashSet<Assignment> = HashSet::new();
-    let mut best: Option<(f64, Assignment, usize)> = None;
-    let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
-    let max_rounds = if refine { opts.rounds } else { 0 };
-    let pb = crate::progress::bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
-    for round in 0..=max_rounds {
-        let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
-        seen.insert(assign.clone());
-        let groups = cluster::clusters_of(&assign, k);
-        // regret[i][c]: task i under cluster c's merged adapter (all pairs when refining).
-        let mut regrets = vec![vec![f64::INFINITY; groups.len()]; n];
-        for (c, members) in groups.iter().enumerate() {
-            let scored: Vec<usize> = if refine { (0..n).collect() } else { members.clone() };
-            let scored_tasks: Vec<&Task> = scored.iter().map(|&i| &tasks[i]).collect();
-            let (_, nll) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &scored_tasks)?;
-            for (j, &i) in scored.iter().enumerate() {
-                regrets[i][c] = regret(nll[j], nll_own[i], nll_base[i]);
-            }
-        }
-        let own_regret: Vec<f64> = (0..n).map(|i| regrets[i][assign[i]]).collect();
-        let objective = own_regret.iter().sum::<f64>() / n as f64;
-        rounds.push(Round {
-            round,
-            objective,
-            clusters: groups.iter().map(|g| g.iter().map(|&i| tasks[i].name.clone()).collect()).collect(),
-            scored_sequences: ev.scored_sequences - seq0,
-            cached_sequences: ev.cached_sequences - cached0,
-        });
-        if best.as_ref().is_none_or(|(b, _, _)| objective < *b - 1e-12) {
-            best = Some((objective, assign.clone(), round));
-        }
-        pb.inc(1);
-        if round == max_rounds {
-            break;
-        }
-        let mut next = cluster::canonical(&reassign(&assign, &regrets), k);
-        if next == assign || seen.contains(&next) {
-            // The move rule judges a task under the other clusters' current adapters, which
-            // lack its own delta, so a symmetric mix (each task best served at home) never
-            // moves. Swaps are judged with both tasks inside instead: both clusters re-merged
-            // and their members scored, the few most promising ones only.
-            let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
-            let mut best_swap: Option<(f64, Assignment)> = None;
-            for (i, j) in swap_candidates(&assign, &regrets, SWAP_CANDIDATES) {
-                let mut trial = assign.clone();
-                trial.swap(i, j);
-                let trial = cluster::canonical(&trial, k);
-                if seen.contains(&trial) {
-                    continue;
-                }
-                let mut change = 0.0;
-                for c in [trial[i], trial[j]] {
-                    let members: Vec<usize> = (0..n).filter(|&t| trial[t] == c).collect();
-                    let member_tasks: Vec<&Task> = members.iter().map(|&t| &tasks[t]).collect();
-                    let (_, nll) = eval_cluster(&mut ev, &members, opts.method, 1.0, rank, &member_tasks)?;
-                    for (m, &t) in members.iter().enumerate() {
-                        change += regret(nll[m], nll_own[t], nll_base[t]) - own_regret[t];
-                    }
-                }
-                if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
-                    best_swap = Some((change, trial));
-                }
-            }
-            if let Some(last) = rounds.last_mut() {
-                last.scored_sequences += ev.scored_sequences - seq0;
-                last.cached_sequences += ev.cached_sequences - cached0;
-            }
-            match best_swap {
-                Some((_, trial)) => next = trial,
-                None => break, // neither a move nor a swap helps: converged
-            }
-        }
-        assign = next;
-    }
-    pb.finish_and_clear();
-    timings.insert("clustering".to_string(), t.elapsed().as_secs_f64());
-    let (_, best_assign, best_round) = best.expect("at least one round");
-    let initial_objective = rounds[0].objective;
-
-    // Data-driven merge: per cluster, the operator and weight multiplier that serve its own
-    // tasks best on their examples.
-    let t = Instant::now();
-    let groups = cluster::clusters_of(&best_assign, k);
-    let mut chosen: Vec<ClusterEval> = Vec::with_capacity(groups.len());
-    let n_candidates = opts.tune_methods.len() * opts.tune_scales.len();
-    let pb = crate::progress::bar(opts.progress, groups.len() as u64, "tuning merges");
-    for members in &groups {
-        let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
-        let cluster_objective =
-            |nll: &[f64]| -> f64 { members.iter().zip(nll).map(|(&i, &v)| regret(v, nll_own[i], nll_base[i])).sum::<f64>() / members.len() as f64 };
-        if members.len() == 1 {
-            let (cand, _) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &member_tasks)?;
-            chosen.push(ClusterEval { candidate: cand, choice: None });
-            pb.inc(1);
-            continue;
-        }
-        let mut options: Vec<(Method, f32)> = vec![(opts.method, 1.0)];
-        if n_candidates > 0 {
-            for &m in &opts.tune_methods {
-                for &s in &opts.tune_scales {
-                    if !options.contains(&(m, s)) {
-                        options.push((m, s));
-                    }
-                }
-            }
-        }
-        let mut best_here: Option<(f64, Candidate, Method, f32)> = None;
-        for (m, s) in options {
-            let (cand, nll) = eval_cluster(&mut ev, members, m, s, rank, &member_tasks)?;
-            let obj = cluster_objective(&nll);
-            if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
-                best_here = Some((obj, cand, m, s));
-            }
-        }
-        let (obj, cand, m, s) = best_here.expect("at least one option");
-        chosen.push(ClusterEval { candidate: cand, choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }) });
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
-
-    // Truncation strategies fitted the bytes already, task by task.
-    if let (Some(budget_bytes), false) = (opts.budget_bytes, opts.strategy.keeps_every_task()) {
+    let (groups, chosen, rounds, best_round) = if opts.strategy == Strategy::Allocate {
         let t = Instant::now();
-        allocate_ranks(budget_bytes, rank, &groups, &tasks, &nll_own, &nll_base, &mut chosen, |members, m, s, r, scored| {
-            eval_cluster(&mut ev, members, m, s, r, scored)
-        })?;
-        timings.insert("rank_allocation".to_string(), t.elapsed().as_secs_f64());
-    }
+        let own_rank = tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(1);
+        let merge_group = |members: &[usize]| merge_cluster(members, Method::Svd, 1.0, own_rank);
+        let inputs = crate::allocate::Inputs {
+            tasks: &tasks,
+            judge: &judge,
+            own_candidates: &own_candidates,
+            budget_bytes: opts.budget_bytes.expect("checked above"),
+            max_files,
+            merge: &merge_group,
+        };
+        let a = crate::allocate::allocate(&mut ev, &inputs)?;
+        timings.insert("allocation".to_string(), t.elapsed().as_secs_f64());
+        let last = a.rounds.len() - 1;
+        (a.groups, a.chosen, a.rounds, last)
+    } else {
+        // Initial clusters.
+        let t = Instant::now();
+        let similarity = {
+            let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+            similarity::similarity_matrix(&refs)
+        };
+        timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
+        let mut assign: Assignment = match (opts.strategy, opts.init) {
+            _ if k == n => (0..n).collect(),
+            (Strategy::Truncate | Strategy::TruncateEnergy | Strategy::Allocate, _) => (0..n).collect(),
+            (Strategy::Single, _) => vec![0; n],
+            (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
+            (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
+        };
+        let k = match opts.strategy {
+            Strategy::Single => 1,
+            s if s.keeps_every_task() => n,
+            _ => k,
+        };
+
+        let t = Instant::now();
+        let mut rounds: Vec<Round> = Vec::new();
+        let mut seen: HashSet<Assignment> = HashSet::new();
+        let mut best: Option<(f64, Assignment, usize)> = None;
+        let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
+        let max_rounds = if refine { opts.rounds } else { 0 };
+        let pb = crate::progress::bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
+        for round in 0..=max_rounds {
+            let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+            seen.insert(assign.clone());
+            let groups = cluster::clusters_of(&assign, k);
+            // regret[i][c]: task i under cluster c's merged adapter (all pairs when refining).
+            let mut regrets = vec![vec![f64::INFINITY; groups.len()]; n];
+            for (c, members) in groups.iter().enumerate() {
+                let scored: Vec<usize> = if refine { (0..n).collect() } else { members.clone() };
+                let scored_tasks: Vec<&Task> = scored.iter().map(|&i| &tasks[i]).collect();
+                let (_, nll) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &scored_tasks)?;
+                for (j, &i) in scored.iter().enumerate() {
+                    regrets[i][c] = judge.regret(i, nll[j]);
+                }
+            }
+            let own_regret: Vec<f64> = (0..n).map(|i| regrets[i][assign[i]]).collect();
+            let objective = own_regret.iter().sum::<f64>() / n as f64;
+            rounds.push(Round {
+                round,
+                objective,
+                clusters: groups.iter().map(|g| g.iter().map(|&i| tasks[i].name.clone()).collect()).collect(),
+                scored_sequences: ev.scored_sequences - seq0,
+                cached_sequences: ev.cached_sequences - cached0,
+            });
+            if best.as_ref().is_none_or(|(b, _, _)| objective < *b - 1e-12) {
+                best = Some((objective, assign.clone(), round));
+            }
+            pb.inc(1);
+            if round == max_rounds {
+                break;
+            }
+            let mut next = cluster::canonical(&reassign(&assign, &regrets), k);
+            if next == assign || seen.contains(&next) {
+                // The move rule judges a task under the other clusters' current adapters, which
+                // lack its own delta, so a symmetric mix (each task best served at home) never
+                // moves. Swaps are judged with both tasks inside instead: both clusters re-merged
+                // and their members scored, the few most promising ones only.
+                let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+                let mut best_swap: Option<(f64, Assignment)> = None;
+                for (i, j) in swap_candidates(&assign, &regrets, SWAP_CANDIDATES) {
+                    let mut trial = assign.clone();
+                    trial.swap(i, j);
+                    let trial = cluster::canonical(&trial, k);
+                    if seen.contains(&trial) {
+                        continue;
+                    }
+                    let mut change = 0.0;
+                    for c in [trial[i], trial[j]] {
+                        let members: Vec<usize> = (0..n).filter(|&t| trial[t] == c).collect();
+                        let member_tasks: Vec<&Task> = members.iter().map(|&t| &tasks[t]).collect();
+                        let (_, nll) = eval_cluster(&mut ev, &members, opts.method, 1.0, rank, &member_tasks)?;
+                        for (m, &t) in members.iter().enumerate() {
+                            change += judge.regret(t, nll[m]) - own_regret[t];
+                        }
+                    }
+                    if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
+                        best_swap = Some((change, trial));
+                    }
+                }
+                if let Some(last) = rounds.last_mut() {
+                    last.scored_sequences += ev.scored_sequences - seq0;
+                    last.cached_sequences += ev.cached_sequences - cached0;
+                }
+                match best_swap {
+                    Some((_, trial)) => next = trial,
+                    None => break, // neither a move nor a swap helps: converged
+                }
+            }
+            assign = next;
+        }
+        pb.finish_and_clear();
+        timings.insert("clustering".to_string(), t.elapsed().as_secs_f64());
+        let (_, best_assign, best_round) = best.expect("at least one round");
+
+        // Data-driven merge: per cluster, the operator and weight multiplier that serve its own
+        // tasks best on their examples.
+        let t = Instant::now();
+        let groups = cluster::clusters_of(&best_assign, k);
+        let mut chosen: Vec<ClusterEval> = Vec::with_capacity(groups.len());
+        let n_candidates = opts.tune_methods.len() * opts.tune_scales.len();
+        let pb = crate::progress::bar(opts.progress, groups.len() as u64, "tuning merges");
+        for members in &groups {
+            let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
+            let cluster_objective =
+                |nll: &[TaskScore]| -> f64 { members.iter().zip(nll).map(|(&i, &v)| judge.regret(i, v)).sum::<f64>() / members.len() as f64 };
+            if members.len() == 1 {
+                let (cand, _) = eval_cluster(&mut ev, members, opts.method, 1.0, rank, &member_tasks)?;
+                chosen.push(ClusterEval { candidate: cand, choice: None });
+                pb.inc(1);
+                continue;
+            }
+            let mut options: Vec<(Method, f32)> = vec![(opts.method, 1.0)];
+            if n_candidates > 0 {
+                for &m in &opts.tune_methods {
+                    for &s in &opts.tune_scales {
+                        if !options.contains(&(m, s)) {
+                            options.push((m, s));
+                        }
+                    }
+                }
+            }
+            let mut best_here: Option<(f64, Candidate, Method, f32)> = None;
+            for (m, s) in options {
+                let (cand, nll) = eval_cluster(&mut ev, members, m, s, rank, &member_tasks)?;
+                let obj = cluster_objective(&nll);
+                if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
+                    best_here = Some((obj, cand, m, s));
+                }
+            }
+            let (obj, cand, m, s) = best_here.expect("at least one option");
+            chosen.push(ClusterEval { candidate: cand, choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }) });
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
+
+        // Truncation strategies fitted the bytes already, task by task.
+        if let (Some(budget_bytes), false) = (opts.budget_bytes, opts.strategy.keeps_every_task()) {
+            let t = Instant::now();
+            allocate_ranks(budget_bytes, rank, &groups, &tasks, &judge, &mut chosen, |members, m, s, r, scored| {
+                eval_cluster(&mut ev, members, m, s, r, scored)
+            })?;
+            timings.insert("rank_allocation".to_string(), t.elapsed().as_secs_f64());
+        }
+        (groups, chosen, rounds, best_round)
+    };
+    let initial_objective = rounds[0].objective;
 
     // Final scores of every task under the adapter it ships with.
     let mut scores = BTreeMap::new();
@@ -863,18 +759,21 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let mut task_to_adapter = BTreeMap::new();
     for (c, members) in groups.iter().enumerate() {
         let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
-        let nll = ev.nll(Some(&chosen[c].candidate), &member_tasks)?;
+        let got = ev.scores(Some(&chosen[c].candidate), &member_tasks)?;
         for (j, &i) in members.iter().enumerate() {
-            let r = regret(nll[j], nll_own[i], nll_base[i]);
+            let r = judge.regret(i, got[j]);
             final_regret += r;
             task_to_adapter.insert(tasks[i].name.clone(), c);
             scores.insert(
                 tasks[i].name.clone(),
                 TaskScores {
                     adapter: c,
-                    nll_own: nll_own[i],
-                    nll_base: nll_base[i],
-                    nll_merged: nll[j],
+                    nll_own: judge.own[i].nll,
+                    nll_base: judge.base[i].nll,
+                    nll_merged: got[j].nll,
+                    exact_own: judge.own[i].exact,
+                    exact_base: judge.base[i].exact,
+                    exact_merged: got[j].exact,
                     regret: r,
                     examples: tasks[i].samples.len(),
                     tokens: task_tokens[i],
@@ -897,6 +796,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             blake3: chosen[c].candidate.hash.clone(),
             bytes: chosen[c].candidate.bytes,
             rank: chosen[c].candidate.rank,
+            target_ranks: chosen[c].candidate.target_ranks.clone(),
             dtype: opts.dtype.name().to_string(),
             tasks: members.iter().map(|&i| tasks[i].name.clone()).collect(),
             merge: chosen[c].choice.clone(),
@@ -926,7 +826,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "tune_scales": opts.tune_scales,
             "score_end": opts.score_end.name(),
             "cpu_kernels": cpu_kernels,
-            "objective": "mean over tasks of (nll_merged - nll_own) / (nll_base - nll_own) on the examples",
+            "objective": opts.objective.to_string(),
+            "objective_definition": opts.objective.description(),
         }),
         objective: Objective { initial: initial_objective, best: final_objective, best_round },
         rounds,
@@ -974,10 +875,14 @@ fn remove_dead_staging(out_parent: &Path) {
     if process_start_time(std::process::id()).is_none() {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(out_parent) else { return };
+    let Ok(entries) = std::fs::read_dir(out_parent) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else { continue };
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
+            continue;
+        };
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }

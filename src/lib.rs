@@ -6,6 +6,7 @@
 //! Contributors: read DEVELOPING.md at the repository root before building (always `--release`).
 
 pub mod adapter;
+mod allocate;
 pub mod base;
 pub mod cluster;
 pub mod compress;
@@ -13,6 +14,7 @@ pub mod convert;
 pub mod d2c;
 pub mod error;
 pub mod evaluate;
+mod evaluator;
 pub mod ffi;
 pub mod fsutil;
 pub mod generate;
@@ -21,6 +23,7 @@ pub mod linalg;
 pub mod llama;
 pub mod manifest;
 pub mod merge;
+pub mod objective;
 pub mod progress;
 pub mod report;
 pub mod samples;

@@ -351,13 +351,15 @@ struct MergeArgs {
     /// Directory of examples: <task>.jsonl with {"prompt", "completion"} per line.
     #[arg(long)]
     samples: PathBuf,
-    /// Number of output adapters (K).
-    #[arg(long)]
-    budget: usize,
+    /// Number of output adapters (K). With --budget-bytes it is optional: a cap on files.
+    #[arg(long, required_unless_present = "budget_bytes")]
+    budget: Option<usize>,
     /// Output directory (created; must be absent or empty unless --force).
     #[arg(long)]
     out: PathBuf,
-    /// Total bytes allowed for the output adapters (ranks are then chosen per cluster).
+    /// Total bytes allowed for the output adapters. Alone (or with --strategy allocate) each
+    /// task keeps its own adapter at the size its examples say is worth the bytes, merged with
+    /// others only where nothing else fits; with a count strategy, ranks are chosen per cluster.
     #[arg(long)]
     budget_bytes: Option<u64>,
     /// Rank of merged adapters (default: the largest input rank).
@@ -369,9 +371,11 @@ struct MergeArgs {
     /// How tasks get their adapters: d2c (weight-space clusters refined on the examples),
     /// kmeans, random, single (one adapter), or no merging at all: truncate (every own adapter
     /// at the largest uniform rank that fits --budget-bytes, or --rank) and truncate-energy
-    /// (per-target ranks by singular-value energy under --budget-bytes).
-    #[arg(long, default_value = "d2c")]
-    strategy: d2c_gguf::d2c::Strategy,
+    /// (per-target ranks by singular-value energy under --budget-bytes), and allocate (sizes
+    /// chosen on the examples under --budget-bytes, merging only where nothing else fits).
+    /// Default: allocate when --budget-bytes is given, else d2c.
+    #[arg(long)]
+    strategy: Option<d2c_gguf::d2c::Strategy>,
     /// Starting clusters for d2c: weight-space k-medoids or a seeded random partition.
     #[arg(long, default_value = "kmeans")]
     init: d2c_gguf::d2c::Init,
@@ -410,6 +414,11 @@ struct MergeArgs {
     /// adapters whose answers run on are charged for it.
     #[arg(long, default_value = "none")]
     score_end: d2c_gguf::score::CompletionEnd,
+    /// What is minimised on the examples: exact (share of examples greedy decoding reproduces,
+    /// relative to the task's own adapter, with normalised NLL breaking ties) or nll
+    /// (normalised NLL regret alone).
+    #[arg(long, default_value = "exact")]
+    objective: d2c_gguf::objective::ExampleObjective,
     /// Print the manifest as JSON instead of the report table.
     #[arg(long)]
     json: bool,
@@ -421,7 +430,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.budget_bytes = a.budget_bytes;
     o.rank = a.rank;
     o.method = a.method;
-    o.strategy = a.strategy;
+    o.strategy = a.strategy.unwrap_or(if a.budget_bytes.is_some() { d2c::Strategy::Allocate } else { d2c::Strategy::D2c });
     o.init = a.init;
     o.rounds = a.rounds;
     o.seed = a.seed;
@@ -431,6 +440,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.force = a.force;
     o.density = a.density;
     o.score_end = a.score_end;
+    o.objective = a.objective;
     if a.no_tune {
         o.tune_methods.clear();
         o.tune_scales.clear();

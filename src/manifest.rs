@@ -36,6 +36,10 @@ pub struct AdapterEntry {
     pub blake3: String,
     pub bytes: u64,
     pub rank: usize,
+    /// Rank per target, where the targets' ranks differ or some were dropped (absent: every
+    /// target of the inputs at `rank`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ranks: Option<std::collections::BTreeMap<String, usize>>,
     pub dtype: String,
     pub tasks: Vec<String>,
     pub merge: Option<MergeChoice>,
@@ -50,7 +54,16 @@ pub struct TaskScores {
     pub nll_base: f64,
     /// ... under the merged adapter it is assigned to.
     pub nll_merged: f64,
-    /// (merged - own) / (base - own): 0 = as good as its own adapter, 1 = as bad as no adapter.
+    /// Share of the examples greedy decoding reproduces under the own adapter, the base, and
+    /// the adapter the task is assigned to (absent in manifests from before they were kept).
+    #[serde(default)]
+    pub exact_own: f64,
+    #[serde(default)]
+    pub exact_base: f64,
+    #[serde(default)]
+    pub exact_merged: f64,
+    /// The task's term of the objective (`settings.objective`): 0 = as good as its own
+    /// adapter; under `nll`, 1 = as bad as no adapter.
     pub regret: f64,
     pub examples: usize,
     pub tokens: usize,

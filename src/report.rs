@@ -19,10 +19,25 @@ pub fn render(m: &Manifest) -> String {
     );
     let _ = writeln!(s);
     let width = m.tasks.keys().map(String::len).max().unwrap_or(4).max(4);
-    let _ = writeln!(s, "{:<width$}  {:<16} {:>9} {:>9} {:>9} {:>7}", "task", "adapter", "nll own", "nll base", "nll merged", "regret");
+    let _ = writeln!(
+        s,
+        "{:<width$}  {:<16} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10}",
+        "task", "adapter", "nll own", "nll base", "nll merged", "exact o/m", "regret", "bytes/task"
+    );
     for (task, sc) in &m.scores {
-        let file = m.adapters.get(sc.adapter).map(|a| a.file.as_str()).unwrap_or("?");
-        let _ = writeln!(s, "{task:<width$}  {file:<16} {:>9.4} {:>9.4} {:>10.4} {:>7.3}", sc.nll_own, sc.nll_base, sc.nll_merged, sc.regret);
+        let adapter = m.adapters.get(sc.adapter);
+        let file = adapter.map(|a| a.file.as_str()).unwrap_or("?");
+        // A shared adapter's bytes are split evenly between the tasks it serves.
+        let bytes = adapter.map(|a| a.bytes / a.tasks.len().max(1) as u64).unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "{task:<width$}  {file:<16} {:>9.4} {:>9.4} {:>10.4} {:>9} {:>7.3} {bytes:>10}",
+            sc.nll_own,
+            sc.nll_base,
+            sc.nll_merged,
+            format!("{:.2}/{:.2}", sc.exact_own, sc.exact_merged),
+            sc.regret
+        );
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "{:<16} {:>5} {:>5} {:>10} {:>8} {:>6}  tasks", "adapter", "rank", "dtype", "bytes", "method", "scale");
@@ -31,13 +46,23 @@ pub fn render(m: &Manifest) -> String {
             Some(c) => (c.method.clone(), format!("{:.2}", c.scale)),
             None => ("own".to_string(), "-".to_string()),
         };
-        let _ = writeln!(s, "{:<16} {:>5} {:>5} {:>10} {:>8} {:>6}  {}", a.file, a.rank, a.dtype, a.bytes, method, scale, a.tasks.join(", "));
+        // Per-target ranks (some targets dropped, or ranks that differ) show as their range.
+        let rank = match &a.target_ranks {
+            Some(r) => {
+                let kept: Vec<usize> = r.values().copied().filter(|&x| x > 0).collect();
+                let lo = kept.iter().min().copied().unwrap_or(0);
+                format!("{lo}-{}*", a.rank)
+            }
+            None => a.rank.to_string(),
+        };
+        let _ = writeln!(s, "{:<16} {:>5} {:>5} {:>10} {:>8} {:>6}  {}", a.file, rank, a.dtype, a.bytes, method, scale, a.tasks.join(", "));
     }
     let _ = writeln!(s);
     let rounds: Vec<String> = m.rounds.iter().map(|r| format!("{:.4}", r.objective)).collect();
     let _ = writeln!(
         s,
-        "objective (mean normalised regret, lower is better): initial {:.4}, final {:.4} (best clusters from round {}); per round: {}",
+        "objective ({}, lower is better): initial {:.4}, final {:.4} (best clusters from round {}); per round: {}",
+        m.settings["objective"].as_str().unwrap_or("nll"),
         m.objective.initial,
         m.objective.best,
         m.objective.best_round,

@@ -352,7 +352,7 @@ fn a_byte_budget_is_met_by_choosing_ranks() {
     let budget = m_full.storage.bytes / 2;
     let small = dir.path().join("small");
     let b = budget.to_string();
-    let (code, o, e) = merge(&["--budget", "2", "--no-tune", "--budget-bytes", &b], &small);
+    let (code, o, e) = merge(&["--budget", "2", "--strategy", "d2c", "--no-tune", "--budget-bytes", &b], &small);
     assert_eq!(code, 0, "{o}{e}");
     let m = check_manifest(&small);
     assert!(m.storage.bytes <= budget, "{} > {budget}", m.storage.bytes);
@@ -360,7 +360,69 @@ fn a_byte_budget_is_met_by_choosing_ranks() {
     assert_eq!(m.storage.budget_bytes, Some(budget));
     // An impossible budget is a clear error and writes nothing.
     let none = dir.path().join("none");
-    let (code, _, e) = merge(&["--budget", "2", "--no-tune", "--budget-bytes", "1000"], &none);
+    let (code, _, e) = merge(&["--budget", "2", "--strategy", "d2c", "--no-tune", "--budget-bytes", "1000"], &none);
+    assert_eq!(code, 1);
+    assert!(e.contains("--budget-bytes"), "{e}");
+    assert!(!none.exists());
+}
+
+#[test]
+fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
+    let dir = common::tempdir();
+    let n = GROUPS * PER_GROUP;
+    let input_bytes: u64 = std::fs::read_dir(task_set().join("adapters")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let validate_all = |out: &Path, m: &Manifest| {
+        for a in &m.adapters {
+            let p = out.join(&a.file);
+            let (code, o, e) = common::run_cli(&["validate", "--base", common::path_str(&common::base_model()), common::path_str(&p)]);
+            assert_eq!(code, 0, "{}: {o}{e}", a.file);
+        }
+    };
+    // The sizes a task can take do not depend on the budget: one cache serves all three runs.
+    let cache = dir.path().join("cache");
+    let cache = common::path_str(&cache);
+    // A quarter of the bytes, no count given: the default under --budget-bytes is the allocator.
+    let quarter = dir.path().join("quarter");
+    let budget = input_bytes / 4;
+    let (code, o, e) = merge(&["--budget-bytes", &budget.to_string(), "--cache", cache], &quarter);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&quarter);
+    assert_eq!(m.settings["strategy"], "allocate");
+    assert_eq!(m.settings["objective"], "exact");
+    assert_eq!(m.adapters.len(), n, "every task keeps an adapter of its own: {:?}", m.adapters);
+    assert!(m.adapters.iter().all(|a| a.tasks.len() == 1 && a.merge.is_none()));
+    assert!(m.storage.bytes <= budget, "{} > {budget}", m.storage.bytes);
+    // Most of the bytes are spent: an unspent half would mean the knapsack stopped early.
+    assert!(m.storage.bytes > budget / 2, "{} of {budget}", m.storage.bytes);
+    assert!(m.adapters.iter().all(|a| a.rank < 8), "{:?}", m.adapters);
+    validate_all(&quarter, &m);
+
+    // A cap on files below the tasks forces merging; the bytes still hold.
+    let capped = dir.path().join("capped");
+    let (code, o, e) = merge(&["--budget-bytes", &budget.to_string(), "--budget", "2", "--cache", cache], &capped);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&capped);
+    assert!(m.adapters.len() <= 2, "{:?}", m.adapters);
+    assert!(m.storage.bytes <= budget);
+    assert_eq!(m.tasks.len(), n, "every task is served");
+    validate_all(&capped, &m);
+
+    // Below the smallest own adapters (a quarter of rank 1's bytes each, about 1/32 of the
+    // inputs), only merging fits.
+    let tiny = dir.path().join("tiny");
+    let tiny_budget = input_bytes / 48;
+    let (code, o, e) = merge(&["--budget-bytes", &tiny_budget.to_string(), "--cache", cache], &tiny);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&tiny);
+    assert!(m.adapters.len() < n, "{:?}", m.adapters);
+    assert!(m.adapters.iter().any(|a| a.tasks.len() > 1 && a.merge.is_some()), "{:?}", m.adapters);
+    assert!(m.storage.bytes <= tiny_budget);
+    assert_eq!(m.tasks.len(), n, "every task is served");
+    validate_all(&tiny, &m);
+
+    // And where nothing fits at all: a clear error naming the flag, and nothing written.
+    let none = dir.path().join("none");
+    let (code, _, e) = merge(&["--budget-bytes", "2000"], &none);
     assert_eq!(code, 1);
     assert!(e.contains("--budget-bytes"), "{e}");
     assert!(!none.exists());

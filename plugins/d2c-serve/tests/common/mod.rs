@@ -71,6 +71,7 @@ impl Fixture {
                 blake3: manifest::hash_file(&path).unwrap(),
                 bytes,
                 rank: 8,
+                target_ranks: None,
                 dtype: "f16".into(),
                 tasks: tasks.iter().filter(|(_, &a)| a == i).map(|(t, _)| t.clone()).collect(),
                 merge: None,

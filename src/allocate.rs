@@ -1,0 +1,285 @@
+//! `merge --strategy allocate` (the default under `--budget-bytes`): the byte budget spent
+//! where the examples say it serves the tasks best, merging only where nothing else fits.
+//!
+//! Every group of tasks (at first every task alone, with its own adapter) has a ladder of
+//! sizes: its adapter at uniform ranks, at per-target energy ranks with the same bytes, and
+//! below rank 1 at energy ranks that drop targets. Each size is written as it would ship and
+//! scored on the group's examples. The budget is then a multiple-choice knapsack, solved
+//! greedily: every group starts at its smallest size and buys the upgrade that lowers its
+//! regret most per byte while the files fit.
+//!
+//! Where even the smallest sizes do not fit (or `--budget` caps the files), groups are merged
+//! first, agglomeratively: pairs are screened by how well each one's adapter already serves the
+//! other's examples, the few best are merged for real and scored at their own ladder, and the
+//! merge that costs the least regret per byte saved is kept, until the floors fit.
+
+use crate::adapter::LoraAdapter;
+use crate::compress;
+use crate::d2c::{ClusterEval, Task};
+use crate::error::{Error, Result};
+use crate::evaluator::{Candidate, Evaluator};
+use crate::manifest::Round;
+use crate::objective::Judge;
+
+/// Pairs merged and scored for real per merge step (after the cross-score screen).
+const PAIR_CANDIDATES: usize = 4;
+
+/// One size a group can ship at, scored on its members' examples.
+#[derive(Clone)]
+struct Size {
+    candidate: Candidate,
+    /// Summed regret of the group's members under it.
+    regret: f64,
+}
+
+struct Group {
+    members: Vec<usize>,
+    /// Cheapest first; no size is beaten by a cheaper one (dominated sizes are dropped).
+    sizes: Vec<Size>,
+    chosen: usize,
+}
+
+impl Group {
+    fn floor(&self) -> &Size {
+        &self.sizes[0]
+    }
+    fn current(&self) -> &Size {
+        &self.sizes[self.chosen]
+    }
+}
+
+/// What the allocation needs from the pipeline: the tasks and their ceiling and floor, the
+/// evaluator that writes and scores candidates, and how a group's members are merged.
+pub(crate) struct Inputs<'a> {
+    pub tasks: &'a [Task],
+    pub judge: &'a Judge,
+    /// The own adapters as shipped, unchanged (the top of every singleton's ladder).
+    pub own_candidates: &'a [Candidate],
+    pub budget_bytes: u64,
+    pub max_files: usize,
+    pub merge: &'a dyn Fn(&[usize]) -> Result<LoraAdapter>,
+}
+
+pub(crate) struct Allocation {
+    pub groups: Vec<Vec<usize>>,
+    pub chosen: Vec<ClusterEval>,
+    pub rounds: Vec<Round>,
+}
+
+/// Uniform ranks a ladder offers below `rank`: about 3/4, 1/2, 3/8, 1/4, ... down to 1.
+fn ladder_ranks(rank: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    let mut r = rank;
+    while r > 1 {
+        out.push((3 * r).div_ceil(4).min(r - 1));
+        r /= 2;
+        out.push(r.max(1));
+    }
+    out.retain(|&x| x >= 1 && x < rank);
+    out.sort_unstable_by(|a, b| b.cmp(a));
+    out.dedup();
+    out
+}
+
+/// The smaller versions of `adapter` worth scoring, largest first (the adapter itself not
+/// included): every uniform rank of the ladder, the same bytes spent by energy per target, and
+/// a half and a quarter of rank 1's bytes, where only energy ranks (dropping targets) fit.
+fn smaller_versions(adapter: &LoraAdapter, dtype: crate::adapter::DType) -> Result<Vec<LoraAdapter>> {
+    let mut out = Vec::new();
+    let mut rank1_bytes = None;
+    for r in ladder_ranks(adapter.max_rank()) {
+        let cut = compress::cut_to_rank(adapter, r)?;
+        let bytes = cut.encoded_bytes(dtype)?;
+        out.push(cut);
+        if r == 1 {
+            rank1_bytes = Some(bytes);
+        } else if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, bytes) {
+            out.push(by_energy.remove(0));
+        }
+    }
+    if let Some(bytes) = rank1_bytes {
+        for part in [2, 4] {
+            if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, bytes / part) {
+                out.push(by_energy.remove(0));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: Candidate, adapter: &LoraAdapter) -> Result<Group> {
+    let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+    let mut candidates = vec![full];
+    for smaller in smaller_versions(adapter, ev.dtype)? {
+        candidates.push(ev.write_candidate(&smaller, &input_paths)?);
+    }
+    let member_tasks: Vec<&Task> = members.iter().map(|&i| &inp.tasks[i]).collect();
+    let mut sizes = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let got = ev.scores(Some(&candidate), &member_tasks)?;
+        let regret = members.iter().zip(&got).map(|(&i, &s)| inp.judge.regret(i, s)).sum();
+        sizes.push(Size { candidate, regret });
+    }
+    sizes.sort_by(|a, b| a.candidate.bytes.cmp(&b.candidate.bytes).then(a.regret.total_cmp(&b.regret)));
+    let mut kept: Vec<Size> = Vec::with_capacity(sizes.len());
+    for s in sizes {
+        if kept.last().is_none_or(|best: &Size| s.regret < best.regret - 1e-9) {
+            kept.push(s);
+        }
+    }
+    Ok(Group { members, sizes: kept, chosen: 0 })
+}
+
+/// The greedy knapsack: from every group's floor, buy the upgrade with the most regret removed
+/// per byte that still fits, until none does. Returns false when the floors alone do not fit.
+fn spend(groups: &mut [Group], budget_bytes: u64) -> bool {
+    for g in groups.iter_mut() {
+        g.chosen = 0;
+    }
+    let mut total: u64 = groups.iter().map(|g| g.floor().candidate.bytes).sum();
+    if total > budget_bytes {
+        return false;
+    }
+    loop {
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (gi, g) in groups.iter().enumerate() {
+            let cur = g.current();
+            for (si, s) in g.sizes.iter().enumerate().skip(g.chosen + 1) {
+                let extra = s.candidate.bytes - cur.candidate.bytes;
+                if total + extra > budget_bytes {
+                    continue;
+                }
+                let gain = (cur.regret - s.regret) / extra.max(1) as f64;
+                if best.is_none_or(|(b, ..)| gain > b) {
+                    best = Some((gain, gi, si));
+                }
+            }
+        }
+        let Some((_, gi, si)) = best else { return true };
+        total = total - groups[gi].current().candidate.bytes + groups[gi].sizes[si].candidate.bytes;
+        groups[gi].chosen = si;
+    }
+}
+
+fn floors(groups: &[Group]) -> u64 {
+    groups.iter().map(|g| g.floor().candidate.bytes).sum()
+}
+
+pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocation> {
+    let n = inp.tasks.len();
+    let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+    let mut groups = Vec::with_capacity(n);
+    for i in 0..n {
+        groups.push(make_group(ev, inp, vec![i], inp.own_candidates[i].clone(), &inp.tasks[i].adapter)?);
+    }
+    let mut rounds = vec![];
+    let record = |ev: &Evaluator, groups: &[Group], rounds: &mut Vec<Round>, seq0: usize, cached0: usize| {
+        let objective = groups.iter().map(|g| g.current().regret).sum::<f64>() / n as f64;
+        rounds.push(Round {
+            round: rounds.len(),
+            objective,
+            clusters: groups.iter().map(|g| g.members.iter().map(|&i| inp.tasks[i].name.clone()).collect()).collect(),
+            scored_sequences: ev.scored_sequences - seq0,
+            cached_sequences: ev.cached_sequences - cached0,
+        });
+    };
+    record(ev, &groups, &mut rounds, seq0, cached0);
+
+    // Merging, only while the floors (or the number of files) do not fit.
+    while floors(&groups) > inp.budget_bytes || groups.len() > inp.max_files {
+        if groups.len() < 2 {
+            return Err(Error::Usage(format!(
+                "--budget-bytes {} is too small: one adapter for every task, cut as small as it goes, takes {} bytes",
+                inp.budget_bytes,
+                floors(&groups)
+            )));
+        }
+        let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+        // cross[a][b]: a's members under b's floor, over what a's own floor costs them.
+        let g = groups.len();
+        let mut cross = vec![vec![0.0; g]; g];
+        for (b, gb) in groups.iter().enumerate() {
+            let others: Vec<usize> = (0..g).filter(|&a| a != b).collect();
+            let scored: Vec<&Task> = others.iter().flat_map(|&a| groups[a].members.iter().map(|&i| &inp.tasks[i])).collect();
+            let got = ev.scores(Some(&gb.floor().candidate), &scored)?;
+            let mut at = 0;
+            for &a in &others {
+                let mut sum = 0.0;
+                for &i in &groups[a].members {
+                    sum += inp.judge.regret(i, got[at]);
+                    at += 1;
+                }
+                cross[a][b] = sum - groups[a].floor().regret;
+            }
+        }
+        let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+        for a in 0..g {
+            for b in a + 1..g {
+                let s = cross[a][b] + cross[b][a];
+                pairs.push((if s.is_finite() { s } else { f64::INFINITY }, a, b));
+            }
+        }
+        pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+        let mut best: Option<(f64, usize, usize, Group)> = None;
+        for &(_, a, b) in pairs.iter().take(PAIR_CANDIDATES) {
+            let mut members = [groups[a].members.clone(), groups[b].members.clone()].concat();
+            members.sort_unstable();
+            let merged = (inp.merge)(&members)?;
+            let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+            let full = ev.write_candidate(&merged, &input_paths)?;
+            let group = make_group(ev, inp, members, full, &merged)?;
+            let before = groups[a].floor().candidate.bytes + groups[b].floor().candidate.bytes;
+            let saved = before.saturating_sub(group.floor().candidate.bytes);
+            let cost = group.floor().regret - groups[a].floor().regret - groups[b].floor().regret;
+            // Under a cap on files every merge saves one; otherwise bytes are what is short.
+            let per = if floors(&groups) > inp.budget_bytes { cost / saved.max(1) as f64 } else { cost };
+            if saved > 0 || groups.len() > inp.max_files {
+                if best.as_ref().is_none_or(|(p, ..)| per < *p) {
+                    best = Some((per, a, b, group));
+                }
+            }
+        }
+        let Some((_, a, b, group)) = best else {
+            return Err(Error::Usage(format!(
+                "--budget-bytes {}: no merge of two adapters saves bytes (the floors take {} bytes)",
+                inp.budget_bytes,
+                floors(&groups)
+            )));
+        };
+        groups.remove(b);
+        groups.remove(a);
+        groups.push(group);
+        groups.sort_by_key(|g| g.members[0]);
+        record(ev, &groups, &mut rounds, seq0, cached0);
+    }
+    let fits = spend(&mut groups, inp.budget_bytes);
+    debug_assert!(fits, "the floors fit once merging stops");
+    if let Some(last) = rounds.last_mut() {
+        last.objective = groups.iter().map(|g| g.current().regret).sum::<f64>() / n as f64;
+    }
+    let chosen = groups
+        .iter()
+        .map(|g| ClusterEval {
+            candidate: g.current().candidate.clone(),
+            choice: (g.members.len() > 1).then(|| crate::manifest::MergeChoice {
+                method: "svd".to_string(),
+                scale: 1.0,
+                cluster_objective: g.current().regret / g.members.len() as f64,
+            }),
+        })
+        .collect();
+    Ok(Allocation { groups: groups.into_iter().map(|g| g.members).collect(), chosen, rounds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_steps_down_to_one() {
+        assert_eq!(ladder_ranks(8), vec![6, 4, 3, 2, 1]);
+        assert_eq!(ladder_ranks(16), vec![12, 8, 6, 4, 3, 2, 1]);
+        assert_eq!(ladder_ranks(2), vec![1]);
+        assert!(ladder_ranks(1).is_empty());
+    }
+}
