@@ -132,6 +132,8 @@ pub struct MergeRunOptions {
     pub strategy: Strategy,
     pub init: Init,
     pub rounds: usize,
+    /// Starts D2C compares before its rounds (the --init one, then others); 1 = --init only.
+    pub restarts: usize,
     pub seed: u64,
     pub threads: Option<i32>,
     pub dtype: DType,
@@ -163,6 +165,7 @@ impl MergeRunOptions {
             strategy: Strategy::D2c,
             init: Init::Kmeans,
             rounds: 6,
+            restarts: 4,
             seed: 0,
             threads: None,
             dtype: DType::F16,
@@ -372,27 +375,44 @@ fn allocate_ranks(
     Ok(())
 }
 
-/// One reassignment step. Each task would rather sit with the merged adapter that serves it
-/// best, but moving every task at once makes symmetric clusters swap members forever (two
-/// mixed clusters serve each of their tasks equally badly). So moves are taken in order of
-/// gain and only between clusters no earlier move of this round touched: each accepted move
-/// is judged against merged adapters that are still what the scores say they are. A cluster
-/// never gives away its last task.
-pub fn reassign(assign: &[usize], regrets: &[Vec<f64>]) -> Assignment {
+/// Moves judged exactly per round (both clusters re-merged, their members scored).
+const MOVE_CANDIDATES: usize = 12;
+
+/// Moves of one task to another cluster, most promising first by the scores at hand (the task
+/// under the other cluster's current adapter, which lacks the task's own delta: a biased
+/// screen, so moves it calls slightly harmful are kept too). A cluster never gives away its
+/// last task.
+pub fn move_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<(usize, usize)> {
     let k = regrets.first().map(Vec::len).unwrap_or(0);
     let mut sizes = vec![0usize; k];
     for &c in assign {
         sizes[c] += 1;
     }
-    let mut moves: Vec<(f64, usize, usize)> = (0..assign.len())
-        .filter_map(|i| {
-            let from = assign[i];
-            let (to, best) = regrets[i].iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(&b.0)))?;
-            let gain = regrets[i][from] - best;
-            (to != from && gain > 1e-9).then_some((gain, i, to))
-        })
-        .collect();
-    moves.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut moves: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, &from) in assign.iter().enumerate() {
+        if sizes[from] < 2 {
+            continue;
+        }
+        for to in (0..k).filter(|&c| c != from) {
+            let change = regrets[i][to] - regrets[i][from];
+            moves.push((if change.is_finite() { change } else { f64::INFINITY }, i, to));
+        }
+    }
+    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    moves.into_iter().take(limit).map(|(_, i, to)| (i, to)).collect()
+}
+
+/// One reassignment step from moves whose objective change was measured exactly (negative =
+/// better). Each was judged against the current clusters, so only moves between clusters no
+/// earlier (better) move of this step touched are taken: what was measured still holds. A
+/// cluster never gives away its last task.
+pub fn apply_moves(assign: &[usize], k: usize, measured: &[(f64, usize, usize)]) -> Assignment {
+    let mut sizes = vec![0usize; k];
+    for &c in assign {
+        sizes[c] += 1;
+    }
+    let mut moves: Vec<(f64, usize, usize)> = measured.iter().copied().filter(|m| m.0 < -1e-9).collect();
+    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let mut touched = vec![false; k];
     let mut next = assign.to_vec();
     for (_, task, to) in moves {
@@ -407,6 +427,14 @@ pub fn reassign(assign: &[usize], regrets: &[Vec<f64>]) -> Assignment {
         touched[to] = true;
     }
     next
+}
+
+/// Charges the moves and swaps judged after a round's scores to that round.
+fn record_extra(rounds: &mut [Round], ev: &Evaluator, seq0: usize, cached0: usize) {
+    if let Some(last) = rounds.last_mut() {
+        last.scored_sequences += ev.scored_sequences - seq0;
+        last.cached_sequences += ev.cached_sequences - cached0;
+    }
 }
 
 /// Swaps tried exactly (two clusters re-merged and scored each) once the move rule is stuck.
@@ -582,6 +610,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             Ok((cand, nll))
         };
 
+    // The starts D2C's restarts compared (manifest settings).
+    let mut starts: Vec<serde_json::Value> = Vec::new();
     let (groups, chosen, rounds, best_round) = if opts.strategy == Strategy::Allocate {
         let t = Instant::now();
         let own_rank = tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(1);
@@ -620,10 +650,46 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         };
 
         let t = Instant::now();
+        let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
+        // Restarts: other starts scored on their own members only (K merges, N task scores
+        // each, against the N x K of a round), and the rounds refine the best. The objective
+        // ranks partitions far better than it finds them by moving tasks one at a time.
+        if refine && opts.restarts > 1 {
+            let mut options: Vec<(String, Assignment)> = vec![(opts.init.to_string(), cluster::canonical(&assign, k))];
+            let mut seed = opts.seed;
+            while options.len() < opts.restarts {
+                let start = if opts.init == Init::Random && options.len() == 1 {
+                    ("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))
+                } else {
+                    seed += 1;
+                    (format!("random seed {seed}"), cluster::random_partition(n, k, seed))
+                };
+                let start = (start.0, cluster::canonical(&start.1, k));
+                if !options.iter().any(|(_, a)| *a == start.1) {
+                    options.push(start);
+                } else if seed > opts.seed + 4 * opts.restarts as u64 {
+                    break; // few distinct partitions exist
+                }
+            }
+            let mut best_start: Option<(f64, usize)> = None;
+            for (si, (_, start)) in options.iter().enumerate() {
+                let mut total = 0.0;
+                for members in cluster::clusters_of(start, k) {
+                    let member_tasks: Vec<&Task> = members.iter().map(|&i| &tasks[i]).collect();
+                    let (_, got) = eval_cluster(&mut ev, &members, opts.method, 1.0, rank, &member_tasks)?;
+                    total += members.iter().zip(&got).map(|(&i, &g)| judge.regret(i, g)).sum::<f64>();
+                }
+                let objective = total / n as f64;
+                starts.push(json!({"start": options[si].0, "objective": objective}));
+                if best_start.is_none_or(|(b, _)| objective < b - 1e-12) {
+                    best_start = Some((objective, si));
+                }
+            }
+            assign = options[best_start.expect("at least one start").1].1.clone();
+        }
         let mut rounds: Vec<Round> = Vec::new();
         let mut seen: HashSet<Assignment> = HashSet::new();
         let mut best: Option<(f64, Assignment, usize)> = None;
-        let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
         let max_rounds = if refine { opts.rounds } else { 0 };
         let pb = crate::progress::bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
         for round in 0..=max_rounds {
@@ -656,43 +722,58 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             if round == max_rounds {
                 break;
             }
-            let mut next = cluster::canonical(&reassign(&assign, &regrets), k);
+            // Every move and swap is judged with the task inside: the clusters it changes
+            // re-merged and their members scored (the true change of the objective). The
+            // scores at hand only pick which few to judge.
+            let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+            let change_of = |ev: &mut Evaluator, trial: &Assignment, changed: [usize; 2]| -> Result<f64> {
+                let mut change = 0.0;
+                for c in changed {
+                    let members: Vec<usize> = (0..n).filter(|&t| trial[t] == c).collect();
+                    let member_tasks: Vec<&Task> = members.iter().map(|&t| &tasks[t]).collect();
+                    let (_, got) = eval_cluster(ev, &members, opts.method, 1.0, rank, &member_tasks)?;
+                    for (m, &t) in members.iter().enumerate() {
+                        change += judge.regret(t, got[m]) - own_regret[t];
+                    }
+                }
+                Ok(change)
+            };
+            let mut measured = Vec::new();
+            for (i, to) in move_candidates(&assign, &regrets, MOVE_CANDIDATES) {
+                let mut trial = assign.clone();
+                let from = trial[i];
+                trial[i] = to;
+                if seen.contains(&cluster::canonical(&trial, k)) {
+                    continue;
+                }
+                measured.push((change_of(&mut ev, &trial, [from, to])?, i, to));
+            }
+            let mut next = cluster::canonical(&apply_moves(&assign, k, &measured), k);
             if next == assign || seen.contains(&next) {
-                // The move rule judges a task under the other clusters' current adapters, which
-                // lack its own delta, so a symmetric mix (each task best served at home) never
-                // moves. Swaps are judged with both tasks inside instead: both clusters re-merged
-                // and their members scored, the few most promising ones only.
-                let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+                // No single move helps (a symmetric mix: every task best served at home):
+                // swaps of two tasks between clusters, the most promising few.
                 let mut best_swap: Option<(f64, Assignment)> = None;
                 for (i, j) in swap_candidates(&assign, &regrets, SWAP_CANDIDATES) {
                     let mut trial = assign.clone();
                     trial.swap(i, j);
-                    let trial = cluster::canonical(&trial, k);
-                    if seen.contains(&trial) {
+                    let changed = [trial[i], trial[j]];
+                    if seen.contains(&cluster::canonical(&trial, k)) {
                         continue;
                     }
-                    let mut change = 0.0;
-                    for c in [trial[i], trial[j]] {
-                        let members: Vec<usize> = (0..n).filter(|&t| trial[t] == c).collect();
-                        let member_tasks: Vec<&Task> = members.iter().map(|&t| &tasks[t]).collect();
-                        let (_, nll) = eval_cluster(&mut ev, &members, opts.method, 1.0, rank, &member_tasks)?;
-                        for (m, &t) in members.iter().enumerate() {
-                            change += judge.regret(t, nll[m]) - own_regret[t];
-                        }
-                    }
+                    let change = change_of(&mut ev, &trial, changed)?;
                     if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
-                        best_swap = Some((change, trial));
+                        best_swap = Some((change, cluster::canonical(&trial, k)));
                     }
-                }
-                if let Some(last) = rounds.last_mut() {
-                    last.scored_sequences += ev.scored_sequences - seq0;
-                    last.cached_sequences += ev.cached_sequences - cached0;
                 }
                 match best_swap {
                     Some((_, trial)) => next = trial,
-                    None => break, // neither a move nor a swap helps: converged
+                    None => {
+                        record_extra(&mut rounds, &ev, seq0, cached0);
+                        break; // neither a move nor a swap helps: converged
+                    }
                 }
             }
+            record_extra(&mut rounds, &ev, seq0, cached0);
             assign = next;
         }
         pb.finish_and_clear();
@@ -819,6 +900,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "strategy": opts.strategy.to_string(),
             "init": opts.init.to_string(),
             "rounds": opts.rounds,
+            "restarts": opts.restarts,
+            "starts": starts,
             "seed": opts.seed,
             "dtype": opts.dtype.name(),
             "density": opts.density,
@@ -942,22 +1025,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn symmetric_clusters_do_not_swap_wholesale() {
-        // Two mixed clusters serve all four tasks alike, each slightly better in the other one.
+    fn moves_between_the_same_two_clusters_are_taken_one_per_step() {
+        // Two mixed clusters: each measured move helps, but after the best one the others were
+        // judged against clusters that no longer exist.
         let assign = vec![0, 1, 0, 1];
-        let regrets = vec![vec![0.5, 0.4], vec![0.41, 0.5], vec![0.5, 0.45], vec![0.46, 0.5]];
-        let next = reassign(&assign, &regrets);
+        let measured = vec![(-0.10, 0, 1), (-0.09, 1, 0), (-0.05, 2, 1), (-0.04, 3, 0)];
+        let next = apply_moves(&assign, 2, &measured);
         let moved: Vec<usize> = (0..4).filter(|&i| next[i] != assign[i]).collect();
         assert_eq!(moved, vec![0], "only the best move between two clusters: {next:?}");
+        // A move that does not lower the objective is never taken.
+        assert_eq!(apply_moves(&assign, 2, &[(0.0, 0, 1), (0.2, 1, 0)]), assign);
     }
 
     #[test]
     fn a_symmetric_mix_offers_the_swap_that_unmixes_it() {
         // Tasks 0, 1 belong together, as do 2, 3, but the clusters are {0, 2} and {1, 3}: each
-        // task is served best at home (its own delta is there), so no single move is proposed.
+        // task is served best at home (its own delta is there), so the screen ranks every move
+        // as harmful; the moves are still offered for judging, and so are the swaps.
         let assign = vec![0, 1, 0, 1];
         let regrets = vec![vec![0.2, 0.5], vec![0.5, 0.2], vec![0.2, 0.6], vec![0.6, 0.2]];
-        assert_eq!(reassign(&assign, &regrets), assign);
+        let moves = move_candidates(&assign, &regrets, 8);
+        assert_eq!(moves.len(), 4);
+        assert_eq!(moves[0], (0, 1), "the least harmful by the screen first: {moves:?}");
         let swaps = swap_candidates(&assign, &regrets, 8);
         // Every cross-cluster pair is a candidate, and swapping 1 with 2 (or 0 with 3) is there.
         assert_eq!(swaps.len(), 4);
@@ -967,18 +1056,16 @@ mod tests {
     }
 
     #[test]
-    fn independent_moves_happen_in_one_round_and_no_cluster_empties() {
+    fn independent_moves_happen_in_one_step_and_no_cluster_empties() {
         let assign = vec![0, 0, 1, 1, 2, 2, 3];
-        let lo = |c: usize| (0..4).map(|j| if j == c { 0.1 } else { 0.9 }).collect::<Vec<f64>>();
-        let regrets = vec![
-            lo(1), // 0 -> 1
-            lo(0),
-            lo(1),
-            lo(1),
-            lo(3), // 2 -> 3: a different pair of clusters, so it moves in the same round
-            lo(2),
-            lo(2), // would empty cluster 3
+        let measured = vec![
+            (-0.5, 0, 1),
+            (-0.4, 4, 3), // a different pair of clusters, so it moves in the same step
+            (-0.9, 6, 2), // would empty cluster 3
         ];
-        assert_eq!(reassign(&assign, &regrets), vec![1, 0, 1, 1, 3, 2, 3]);
+        assert_eq!(apply_moves(&assign, 4, &measured), vec![1, 0, 1, 1, 3, 2, 3]);
+        // The screen never offers a move out of a cluster of one.
+        let regrets = vec![vec![0.1, 0.9]; 3];
+        assert!(move_candidates(&[0, 0, 1], &regrets, 8).iter().all(|&(i, _)| i != 2));
     }
 }

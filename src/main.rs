@@ -382,6 +382,10 @@ struct MergeArgs {
     /// Maximum reassignment rounds (d2c).
     #[arg(long, default_value_t = 6)]
     rounds: usize,
+    /// Starts d2c scores (each on its own clusters' tasks only) before refining the best: the
+    /// --init one, then k-medoids or seeded random partitions; 1 keeps the --init start alone.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    restarts: u64,
     /// Seed of random starts and partitions, dare's masks and the randomised SVD.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -433,6 +437,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.strategy = a.strategy.unwrap_or(if a.budget_bytes.is_some() { d2c::Strategy::Allocate } else { d2c::Strategy::D2c });
     o.init = a.init;
     o.rounds = a.rounds;
+    o.restarts = a.restarts as usize;
     o.seed = a.seed;
     o.threads = a.threads;
     o.dtype = a.dtype;
