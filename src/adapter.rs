@@ -32,7 +32,10 @@ pub const SUFFIX_A: &str = ".lora_a";
 pub const SUFFIX_B: &str = ".lora_b";
 pub const TOKEN_EMBD: &str = "token_embd.weight";
 
-/// Storage types an adapter can be written in (all load in llama.cpp, mixed within a file).
+/// Storage types an adapter can be written in (all load and compute in llama.cpp, mixed
+/// within a file; tests/server_cast.rs checks each in llama-server). The block types hold 32
+/// values per block, so only tensors whose rows are whole blocks take them (`lora_a`, rows
+/// `n_in` long); the others (`lora_b` below rank 32) fall back to F16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
@@ -40,10 +43,12 @@ pub enum DType {
     F16,
     BF16,
     Q8_0,
+    Q5_0,
+    Q4_0,
 }
 
 impl DType {
-    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0];
+    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q5_0, DType::Q4_0];
 
     pub fn ggml_type(self) -> u32 {
         match self {
@@ -51,6 +56,8 @@ impl DType {
             DType::F16 => ffi::GGML_TYPE_F16,
             DType::BF16 => ffi::GGML_TYPE_BF16,
             DType::Q8_0 => ffi::GGML_TYPE_Q8_0,
+            DType::Q5_0 => ffi::GGML_TYPE_Q5_0,
+            DType::Q4_0 => ffi::GGML_TYPE_Q4_0,
         }
     }
 
@@ -64,21 +71,31 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::Q8_0 => "q8_0",
+            DType::Q5_0 => "q5_0",
+            DType::Q4_0 => "q4_0",
         }
     }
 
-    /// Encoded bytes of a row of `row_len` values (Q8_0: 34 bytes per 32 values).
+    /// Encoded bytes of a row of `row_len` values (per 32 values: Q8_0 34 bytes, Q5_0 22,
+    /// Q4_0 18: one f16 scale and the quants).
     pub fn row_bytes(self, row_len: usize) -> usize {
         match self {
             DType::F32 => 4 * row_len,
             DType::F16 | DType::BF16 => 2 * row_len,
             DType::Q8_0 => row_len / 32 * 34,
+            DType::Q5_0 => row_len / 32 * 22,
+            DType::Q4_0 => row_len / 32 * 18,
         }
+    }
+
+    /// Values per block of a block-quantised type.
+    pub fn block_len(self) -> Option<usize> {
+        matches!(self, DType::Q8_0 | DType::Q5_0 | DType::Q4_0).then_some(32)
     }
 
     /// Whether rows of this length can be stored in this type.
     pub fn fits_row(self, row_len: usize) -> bool {
-        self != DType::Q8_0 || row_len % 32 == 0
+        self.block_len().is_none_or(|b| row_len % b == 0)
     }
 }
 
@@ -94,7 +111,7 @@ impl FromStr for DType {
         DType::ALL
             .into_iter()
             .find(|d| d.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown dtype '{s}' (expected f32, f16, bf16 or q8_0)"))
+            .ok_or_else(|| format!("unknown dtype '{s}' (expected f32, f16, bf16, q8_0, q5_0 or q4_0)"))
     }
 }
 
@@ -273,7 +290,10 @@ impl LoraAdapter {
             }
             let dtype_of = |t: &crate::gguf::TensorInfo| {
                 DType::from_ggml(t.ggml_type).ok_or_else(|| {
-                    inv(&format!("tensor {}", t.name), format!("type {} is not supported for adapters (f32, f16, bf16, q8_0)", t.type_name()))
+                    inv(
+                        &format!("tensor {}", t.name),
+                        format!("type {} is not supported for adapters (f32, f16, bf16, q8_0, q5_0, q4_0)", t.type_name()),
+                    )
                 })
             };
             let (a_dtype, b_dtype) = (dtype_of(ta)?, dtype_of(tb)?);
@@ -311,8 +331,8 @@ impl LoraAdapter {
         Ok(LoraAdapter { architecture, alpha, targets, metadata })
     }
 
-    /// Encodes the adapter as GGUF with every tensor in `dtype`, except that under Q8_0 a tensor
-    /// whose rows are not whole 32-value blocks (`lora_b` of a rank below 32, say) is stored as
+    /// Encodes the adapter as GGUF with every tensor in `dtype`, except that under a block type
+    /// a tensor whose rows are not whole 32-value blocks (`lora_b` of a rank below 32, say) is stored as
     /// F16, as llama.cpp's own converter does; F16 is the nearest type with no block constraint.
     pub fn to_gguf(&self, dtype: DType) -> Result<GgufWriter> {
         let mut w = GgufWriter::default();
@@ -354,15 +374,15 @@ impl LoraAdapter {
     }
 
     /// The storage type these targets were read in, so that rewriting an adapter (cut, merged,
-    /// converted) keeps its size class: the one type they share; Q8_0 when they mix Q8_0 with
-    /// the F16 that Q8_0 writes fall back to for short rows; F32 for any other mix and for
-    /// targets built in memory.
+    /// converted) keeps its size class: the one type they share; a block type when they mix it
+    /// with the F16 that block types fall back to for short rows; F32 for any other mix and
+    /// for targets built in memory.
     pub fn stored_dtype(adapters: &[&LoraAdapter]) -> DType {
         let types: std::collections::BTreeSet<DType> =
             adapters.iter().flat_map(|a| a.targets.values()).flat_map(|t| [t.a_dtype, t.b_dtype]).collect();
         match types.into_iter().collect::<Vec<_>>().as_slice() {
             [one] => *one,
-            [DType::F16, DType::Q8_0] => DType::Q8_0,
+            [DType::F16, q] if q.block_len().is_some() => *q,
             _ => DType::F32,
         }
     }

@@ -2,8 +2,9 @@
 //! where the examples say it serves the tasks best, merging only where nothing else fits.
 //!
 //! Every group of tasks (at first every task alone, with its own adapter) has a ladder of
-//! sizes: its adapter at uniform ranks, at per-target energy ranks with the same bytes, and
-//! below rank 1 at energy ranks that drop targets. Each size is written as it would ship and
+//! sizes: its adapter at uniform ranks, at per-target energy ranks with the same bytes, below
+//! rank 1 at energy ranks that drop targets, and at the rank halvings in lower-bit storage
+//! types (`--storage-types`: `lora_a` block-quantised, short `lora_b` rows in F16). Each size is written as it would ship and
 //! scored on the group's examples. The budget is then a multiple-choice knapsack, solved
 //! greedily: every group starts at its smallest size and buys the upgrade that lowers its
 //! regret most per byte while the files fit; bytes left over go to larger sizes the examples
@@ -14,7 +15,7 @@
 //! other's examples, the few best are merged for real and scored at their own ladder, and the
 //! merge that costs the least regret per byte saved is kept, until the floors fit.
 
-use crate::adapter::LoraAdapter;
+use crate::adapter::{DType, LoraAdapter};
 use crate::compress;
 use crate::d2c::{ClusterEval, Task};
 use crate::error::{Error, Result};
@@ -57,6 +58,8 @@ pub(crate) struct Inputs<'a> {
     /// The own adapters as shipped, unchanged (the top of every singleton's ladder).
     pub own_candidates: &'a [Candidate],
     pub budget_bytes: u64,
+    /// Other storage types each size may also ship in (uniform ranks only).
+    pub storage_types: &'a [DType],
     pub max_files: usize,
     pub merge: &'a dyn Fn(&[usize]) -> Result<LoraAdapter>,
 }
@@ -84,8 +87,9 @@ fn ladder_ranks(rank: usize) -> Vec<usize> {
 
 /// The smaller versions of `adapter` worth scoring, largest first (the adapter itself not
 /// included): every uniform rank of the ladder, the same bytes spent by energy per target, and
-/// a half and a quarter of rank 1's bytes, where only energy ranks (dropping targets) fit.
-fn smaller_versions(adapter: &LoraAdapter, dtype: crate::adapter::DType) -> Result<Vec<LoraAdapter>> {
+/// 1/2, 1/4, 1/8 and 1/16 of rank 1's bytes, where only energy ranks (dropping targets) fit:
+/// merging costs more than that on every set measured (docs/results.md), so it comes last.
+fn smaller_versions(adapter: &LoraAdapter, dtype: DType) -> Result<Vec<LoraAdapter>> {
     let mut out = Vec::new();
     let mut rank1_bytes = None;
     for r in ladder_ranks(adapter.max_rank()) {
@@ -99,7 +103,7 @@ fn smaller_versions(adapter: &LoraAdapter, dtype: crate::adapter::DType) -> Resu
         }
     }
     if let Some(bytes) = rank1_bytes {
-        for part in [2, 4] {
+        for part in [2, 4, 8, 16] {
             if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, bytes / part) {
                 out.push(by_energy.remove(0));
             }
@@ -113,6 +117,15 @@ fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: C
     let mut candidates = vec![full];
     for smaller in smaller_versions(adapter, ev.dtype)? {
         candidates.push(ev.write_candidate(&smaller, &input_paths)?);
+    }
+    // Fewer bits instead of (or with) fewer ranks: the uniform halvings in each lower type.
+    let mut rank = adapter.max_rank();
+    while rank >= 1 {
+        let cut = compress::cut_to_rank(adapter, rank)?;
+        for &dtype in inp.storage_types.iter().filter(|&&d| d != ev.dtype) {
+            candidates.push(ev.write_candidate_as(&cut, dtype, &input_paths)?);
+        }
+        rank /= 2;
     }
     let member_tasks: Vec<&Task> = members.iter().map(|&i| &inp.tasks[i]).collect();
     let mut sizes = Vec::with_capacity(candidates.len());

@@ -717,7 +717,7 @@ fn convert_module(
     Ok((gguf_name, target, scale))
 }
 
-/// Encodes in `dtype`; a tensor whose rows do not fit Q8_0 blocks falls back to F16, as
+/// Encodes in `dtype`; a tensor whose rows do not fit 32-value blocks falls back to F16, as
 /// llama.cpp's converter does ([`LoraAdapter::to_gguf`]).
 pub fn encode(adapter: &LoraAdapter, dtype: DType) -> Result<GgufWriter> {
     adapter.to_gguf(dtype)

@@ -137,6 +137,9 @@ pub struct MergeRunOptions {
     pub seed: u64,
     pub threads: Option<i32>,
     pub dtype: DType,
+    /// Lower-bit storage types the allocator may also ship an adapter in (`lora_a` in the
+    /// type, short `lora_b` rows in F16), next to `dtype`.
+    pub storage_types: Vec<DType>,
     pub cache: Option<PathBuf>,
     pub force: bool,
     /// Operators and weight multipliers tried per cluster once clusters are fixed; a single
@@ -169,6 +172,7 @@ impl MergeRunOptions {
             seed: 0,
             threads: None,
             dtype: DType::F16,
+            storage_types: vec![DType::Q8_0, DType::Q4_0],
             cache: None,
             force: false,
             tune_methods: vec![Method::Svd, Method::Ties, Method::Dare],
@@ -621,6 +625,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             judge: &judge,
             own_candidates: &own_candidates,
             budget_bytes: opts.budget_bytes.expect("checked above"),
+            storage_types: &opts.storage_types,
             max_files,
             merge: &merge_group,
         };
@@ -878,7 +883,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             bytes: chosen[c].candidate.bytes,
             rank: chosen[c].candidate.rank,
             target_ranks: chosen[c].candidate.target_ranks.clone(),
-            dtype: opts.dtype.name().to_string(),
+            dtype: chosen[c].candidate.dtype.name().to_string(),
             tasks: members.iter().map(|&i| tasks[i].name.clone()).collect(),
             merge: chosen[c].choice.clone(),
         });
@@ -904,6 +909,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "starts": starts,
             "seed": opts.seed,
             "dtype": opts.dtype.name(),
+            "storage_types": opts.storage_types.iter().map(|d| d.name()).collect::<Vec<_>>(),
             "density": opts.density,
             "tune_methods": opts.tune_methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
             "tune_scales": opts.tune_scales,

@@ -120,11 +120,18 @@ pub(crate) struct Candidate {
     pub rank: usize,
     /// Rank per target where they differ or targets were dropped (None: all at `rank`).
     pub target_ranks: Option<BTreeMap<String, usize>>,
+    /// Storage type it was written in (block types fall back to F16 for short rows).
+    pub dtype: DType,
 }
 
 impl Evaluator {
     pub(crate) fn write_candidate(&self, adapter: &LoraAdapter, inputs: &[&Path]) -> Result<Candidate> {
-        let w = adapter.to_gguf(self.dtype)?;
+        self.write_candidate_as(adapter, self.dtype, inputs)
+    }
+
+    /// As [`Self::write_candidate`], in another storage type than the run's `--dtype`.
+    pub(crate) fn write_candidate_as(&self, adapter: &LoraAdapter, dtype: DType, inputs: &[&Path]) -> Result<Candidate> {
+        let w = adapter.to_gguf(dtype)?;
         let mut bytes = Vec::new();
         w.write_to(&mut bytes).map_err(|e| Error::io(&self.work_dir, e))?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
@@ -134,7 +141,7 @@ impl Evaluator {
         }
         let ranks: BTreeMap<String, usize> = adapter.targets.iter().map(|(name, t)| (name.clone(), t.rank)).collect();
         let uniform = ranks.len() >= self.input_targets && ranks.values().all(|&r| r == adapter.max_rank());
-        Ok(Candidate { path, hash, bytes: bytes.len() as u64, rank: adapter.max_rank(), target_ranks: (!uniform).then_some(ranks) })
+        Ok(Candidate { path, hash, bytes: bytes.len() as u64, rank: adapter.max_rank(), target_ranks: (!uniform).then_some(ranks), dtype })
     }
 
     /// Each listed task's examples scored under `candidate` (None = base model).

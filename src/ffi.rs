@@ -14,6 +14,8 @@ pub const GGML_TYPE_F32: u32 = sys::GGML_TYPE_F32 as u32;
 pub const GGML_TYPE_F16: u32 = sys::GGML_TYPE_F16 as u32;
 pub const GGML_TYPE_BF16: u32 = sys::GGML_TYPE_BF16 as u32;
 pub const GGML_TYPE_Q8_0: u32 = sys::GGML_TYPE_Q8_0 as u32;
+pub const GGML_TYPE_Q5_0: u32 = sys::GGML_TYPE_Q5_0 as u32;
+pub const GGML_TYPE_Q4_0: u32 = sys::GGML_TYPE_Q4_0 as u32;
 
 /// Layout of one ggml tensor type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,14 +85,14 @@ pub fn encode_from_f32(ggml_type: u32, data: &[f32], row_len: usize) -> Result<V
     if ggml_type == GGML_TYPE_F32 {
         return Ok(data.iter().flat_map(|v| v.to_le_bytes()).collect());
     }
-    if !matches!(ggml_type, GGML_TYPE_F16 | GGML_TYPE_BF16 | GGML_TYPE_Q8_0) {
-        return Err(format!("writing {} is not supported (use f32, f16, bf16 or q8_0)", info.name));
+    if !matches!(ggml_type, GGML_TYPE_F16 | GGML_TYPE_BF16 | GGML_TYPE_Q8_0 | GGML_TYPE_Q5_0 | GGML_TYPE_Q4_0) {
+        return Err(format!("writing {} is not supported (use f32, f16, bf16, q8_0, q5_0 or q4_0)", info.name));
     }
     let rows = data.len() / row_len;
     let size = (row_len as u64 / info.block_size * info.type_size) as usize * rows;
     let mut out = vec![0u8; size];
     // SAFETY: `data` holds rows*row_len floats, `out` holds exactly the encoded size of that
-    // many elements; these three types need no importance matrix and no global init.
+    // many elements; these types need no importance matrix and no global init.
     let written = unsafe {
         sys::ggml_quantize_chunk(
             ggml_type as sys::ggml_type,

@@ -39,7 +39,7 @@ enum Command {
     },
     /// Re-encode an adapter in another storage type.
     Cast {
-        /// Storage type to write: f32, f16, bf16 or q8_0 (rows that do not fit Q8_0 blocks get f16).
+        /// Storage type to write: f32, f16, bf16, q8_0, q5_0 or q4_0 (rows that do not fit 32-value blocks get f16).
         #[arg(long)]
         dtype: DType,
         /// Adapter file to re-encode.
@@ -63,7 +63,7 @@ enum Command {
         /// Output .gguf file (--peft) or directory (--peft-dir).
         #[arg(short, long)]
         output: PathBuf,
-        /// Storage type: f32, f16, bf16 or q8_0 (tensors whose rows do not fit Q8_0 blocks get
+        /// Storage type: f32, f16, bf16, q8_0, q5_0 or q4_0 (tensors whose rows do not fit 32-value blocks get
         /// f16). Default: the type the PEFT tensors are stored in (f16, bf16; f32 for f32/f64).
         #[arg(long)]
         dtype: Option<DType>,
@@ -173,7 +173,7 @@ enum Command {
         /// One weight per input, comma-separated (default 1/N each: the average of the deltas).
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
         weights: Option<Vec<f32>>,
-        /// Storage type of the output: f32, f16, bf16 or q8_0. Default: the inputs' own type
+        /// Storage type of the output: f32, f16, bf16, q8_0, q5_0 or q4_0. Default: the inputs' own type
         /// (f32 when they differ).
         #[arg(long)]
         dtype: Option<DType>,
@@ -395,6 +395,11 @@ struct MergeArgs {
     /// Storage type of the output adapters.
     #[arg(long, default_value = "f16")]
     dtype: DType,
+    /// Lower-bit storage types the allocator may also ship each adapter in (comma-separated;
+    /// `lora_a` in the type, `lora_b` rows shorter than 32 in f16), next to --dtype; "none"
+    /// for --dtype only.
+    #[arg(long, value_delimiter = ',', default_value = "q8_0,q4_0", value_parser = parse_storage_type)]
+    storage_types: Vec<Option<DType>>,
     /// Persist scores here so an interrupted or repeated run does not rescore.
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -428,6 +433,15 @@ struct MergeArgs {
     json: bool,
 }
 
+/// A storage type, or "none" (an empty list).
+fn parse_storage_type(s: &str) -> Result<Option<DType>, String> {
+    if s == "none" {
+        Ok(None)
+    } else {
+        s.parse().map(Some)
+    }
+}
+
 fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     use d2c_gguf::d2c::{self, MergeRunOptions};
     let mut o = MergeRunOptions::new(a.base, a.adapters, a.samples, a.budget, a.out);
@@ -441,6 +455,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.seed = a.seed;
     o.threads = a.threads;
     o.dtype = a.dtype;
+    o.storage_types = a.storage_types.into_iter().flatten().collect();
     o.cache = a.cache;
     o.force = a.force;
     o.density = a.density;

@@ -30,7 +30,10 @@ fn round_trip_every_dtype_within_its_precision() {
     let dir = common::tempdir();
     // Q8_0 needs rows that are multiples of 32, and lora_b rows are `rank` long.
     let adapter = sample_adapter(32);
-    for (dtype, tol) in [(DType::F32, 0.0), (DType::F16, 1e-3), (DType::BF16, 8e-3), (DType::Q8_0, 8e-3)] {
+    // Block types round to one step of their block's scale: max / 127, / 15, / 7 at most
+    // half of that, relative to the block's largest value (at most the tensor's).
+    for (dtype, tol) in [(DType::F32, 0.0), (DType::F16, 1e-3), (DType::BF16, 8e-3), (DType::Q8_0, 8e-3), (DType::Q5_0, 0.035), (DType::Q4_0, 0.075)]
+    {
         let path = dir.path().join(format!("a-{dtype}.gguf"));
         let written = adapter.write(&path, dtype, &[]).unwrap();
         assert_eq!(written, std::fs::metadata(&path).unwrap().len());
@@ -143,7 +146,7 @@ print(json.dumps(out))
 fn gguf_py_reads_what_we_write() {
     let dir = common::tempdir();
     let adapter = sample_adapter(32);
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0] {
+    for dtype in DType::ALL {
         let path = dir.path().join(format!("py-{dtype}.gguf"));
         adapter.write(&path, dtype, &[]).unwrap();
         let out = Command::new(common::python()).arg("-c").arg(GGUF_PY_DUMP).arg(&path).output().expect("run python");

@@ -407,10 +407,10 @@ fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
     assert_eq!(m.tasks.len(), n, "every task is served");
     validate_all(&capped, &m);
 
-    // Below the smallest own adapters (a quarter of rank 1's bytes each, about 1/32 of the
+    // Below the smallest own adapters (1/16 of rank 1's bytes each, about 1/128 of the
     // inputs), only merging fits.
     let tiny = dir.path().join("tiny");
-    let tiny_budget = input_bytes / 48;
+    let tiny_budget = input_bytes / 160;
     let (code, o, e) = merge(&["--budget-bytes", &tiny_budget.to_string(), "--cache", cache], &tiny);
     assert_eq!(code, 0, "{o}{e}");
     let m = check_manifest(&tiny);

@@ -32,6 +32,8 @@ RESULTS = SWEEP / "results.jsonl"
 EXAMPLES = SWEEP / "examples.jsonl"
 # Own-adapter accuracy from which a task's normalised score is also reported on its own.
 SOLID_CEILING = 0.5
+# Strategies run at byte budgets (--fractions) rather than at counts K.
+BYTE_STRATEGIES = ("truncate", "truncate-energy", "allocate")
 
 
 def sh(args: list[str]) -> str:
@@ -113,6 +115,9 @@ def run(args: argparse.Namespace) -> None:
         sys.exit(f"sweep: {len(missing)} task adapters missing in {ADAPTERS} (run scripts/quality-build.sh): {missing[:5]}")
     done = load_results()
     merge_settings = {
+        # The merge's defaults that change what it picks (older results are other keys).
+        "objective": "exact",
+        "restarts": 4,
         "rounds": args.rounds,
         "tune_methods": args.tune_methods,
         "tune_scales": args.tune_scales,
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
     configs = []
     for k in parse_ks(args.ks, n):
         for strategy in args.strategies.split(","):
-            if strategy in ("truncate", "truncate-energy"):
+            if strategy in BYTE_STRATEGIES:
                 continue  # by --fractions, below
             if strategy == "single":
                 if k == 1:
@@ -159,10 +164,10 @@ def run(args: argparse.Namespace) -> None:
             for clusters in (int(m) * k for m in args.byte_budget.split(",")):
                 if clusters < n:
                     configs.append(("d2c-bytes", clusters, k))
-    # Truncation baselines (issue 16): every task keeps its own adapter, cut to 1/F of the input
-    # bytes; `seed` carries F. Their K in the report is N / F, the count of full-rank adapters
+    # Byte budgets (issue 16): the truncation baselines (every task keeps its own adapter, cut
+    # to 1/F of the input bytes) and the allocator at the same bytes; `seed` carries F. Their K in the report is N / F, the count of full-rank adapters
     # the same bytes would hold, so that they line up with merging at that K.
-    truncations = [s for s in args.strategies.split(",") if s in ("truncate", "truncate-energy")]
+    truncations = [s for s in args.strategies.split(",") if s in BYTE_STRATEGIES]
     input_bytes = sum((root / "adapters" / f"{t}.gguf").stat().st_size for t in tasks)
     for f in [int(x) for x in args.fractions.split(",")] if args.fractions else []:
         configs += [(s, n, f) for s in truncations]
@@ -252,7 +257,7 @@ def report(args: argparse.Namespace) -> None:
             m = r["k"] // r["seed"]
             label = f"d2c-bytes ({'' if m == 1 else m}K)"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate": 10}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -377,7 +382,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v", "truncate": "<", "truncate-energy": ">"}
+    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v", "truncate": "<", "truncate-energy": ">", "allocate": "X"}
     for strategy, pts in sorted(points.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy, "."), label=strategy)
@@ -414,7 +419,7 @@ def main() -> None:
     r.add_argument("--max-tokens", type=int, default=12)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--families", help="only the tasks of these families (comma-separated)")
-    r.add_argument("--fractions", metavar="F,F", help="with --strategies truncate,truncate-energy: the byte budgets, as 1/F of the input adapters' bytes (e.g. 2,4,8,16,32)")
+    r.add_argument("--fractions", metavar="F,F", help="with --strategies truncate,truncate-energy,allocate: the byte budgets, as 1/F of the input adapters' bytes (e.g. 2,4,8,16,32)")
     r.add_argument("--byte-budget", metavar="MULTIPLIERS", help="also d2c with --budget-bytes set to the bytes of d2c at each K, with K times each multiplier clusters (e.g. 1,2)")
     rep = sub.add_parser("report")
     rep.add_argument("--families")
