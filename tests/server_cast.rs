@@ -106,10 +106,11 @@ fn real_adapters_in_lower_bit_types_answer_their_tests_as_f16_does() {
         eprintln!("{dtype}: {}/{total} correct, {}/{total} answers as f16", correct[di], agree[di]);
     }
     assert!(correct[0] > total / 2, "the f16 adapters themselves: {}/{total}", correct[0]);
-    // Allowed losses against f16, in tests of the 160: Q8_0 rounds lora_a to 1/254 of each
-    // block's range, Q5_0 to 1/62, Q4_0 to 1/30.
-    for (di, allowed) in [(1, 3), (2, 6), (3, 12)] {
+    // Measured on the development machine (Zen 4 kernels): f16 138/160, q8_0 137, q5_0 138,
+    // q4_0 139; 156-158 of 160 answers identical to f16's. Allowed here: a few tests lost,
+    // more for the coarser types, and nine in ten answers unchanged.
+    for (di, allowed) in [(1, 3), (2, 4), (3, 6)] {
         assert!(correct[di] + allowed >= correct[0], "{}: {} correct vs f16 {}", types[di], correct[di], correct[0]);
-        assert!(agree[di] * 10 >= total * 8, "{}: only {}/{total} answers as f16", types[di], agree[di]);
+        assert!(agree[di] * 10 >= total * 9, "{}: only {}/{total} answers as f16", types[di], agree[di]);
     }
 }
