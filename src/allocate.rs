@@ -115,7 +115,8 @@ fn smaller_versions(adapter: &LoraAdapter, dtype: DType) -> Result<Vec<LoraAdapt
     Ok(out)
 }
 
-fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: Candidate, adapter: &LoraAdapter) -> Result<Group> {
+/// A group with every size scored, or (`floor_only`, for screening merges) only its smallest.
+fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: Candidate, adapter: &LoraAdapter, floor_only: bool) -> Result<Group> {
     let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
     let mut candidates = vec![full];
     for smaller in smaller_versions(adapter, ev.dtype)? {
@@ -129,6 +130,10 @@ fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: C
             candidates.push(ev.write_candidate_as(&cut, dtype, &input_paths)?);
         }
         rank /= 2;
+    }
+    if floor_only {
+        let smallest = candidates.iter().enumerate().min_by_key(|(_, c)| c.bytes).map(|(i, _)| i).expect("at least the full size");
+        candidates = vec![candidates.swap_remove(smallest)];
     }
     let member_tasks: Vec<&Task> = members.iter().map(|&i| &inp.tasks[i]).collect();
     let mut sizes = Vec::with_capacity(candidates.len());
@@ -205,7 +210,7 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
     let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
     let mut groups = Vec::with_capacity(n);
     for i in 0..n {
-        groups.push(make_group(ev, inp, vec![i], inp.own_candidates[i].clone(), &inp.tasks[i].adapter)?);
+        groups.push(make_group(ev, inp, vec![i], inp.own_candidates[i].clone(), &inp.tasks[i].adapter, false)?);
     }
     let mut rounds = vec![];
     let record = |ev: &Evaluator, groups: &[Group], rounds: &mut Vec<Round>, seq0: usize, cached0: usize| {
@@ -220,6 +225,14 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
     };
     record(ev, &groups, &mut rounds, seq0, cached0);
 
+    // A merged adapter is cut as small as a single one: below the smallest floor nothing fits.
+    let smallest = groups.iter().map(|g| g.floor().candidate.bytes).min().unwrap_or(0);
+    if inp.budget_bytes < smallest {
+        return Err(Error::Usage(format!(
+            "--budget-bytes {} is too small: the smallest adapter this can write (one direction of one target) takes {smallest} bytes",
+            inp.budget_bytes
+        )));
+    }
     // Merging, only while the floors (or the number of files) do not fit.
     while floors(&groups) > inp.budget_bytes || groups.len() > inp.max_files {
         if groups.len() < 2 {
@@ -255,14 +268,16 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
             }
         }
         pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-        let mut best: Option<(f64, usize, usize, Group)> = None;
+        // Candidates are judged by their floors (the smallest size, the only one scored here);
+        // the merge kept gets its whole ladder.
+        let mut best: Option<(f64, usize, usize, Group, LoraAdapter, Candidate)> = None;
         for &(_, a, b) in pairs.iter().take(PAIR_CANDIDATES) {
             let mut members = [groups[a].members.clone(), groups[b].members.clone()].concat();
             members.sort_unstable();
             let merged = (inp.merge)(&members)?;
             let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
             let full = ev.write_candidate(&merged, &input_paths)?;
-            let group = make_group(ev, inp, members, full, &merged)?;
+            let group = make_group(ev, inp, members, full.clone(), &merged, true)?;
             let before = groups[a].floor().candidate.bytes + groups[b].floor().candidate.bytes;
             let saved = before.saturating_sub(group.floor().candidate.bytes);
             let cost = group.floor().regret - groups[a].floor().regret - groups[b].floor().regret;
@@ -270,17 +285,18 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
             let per = if floors(&groups) > inp.budget_bytes { cost / saved.max(1) as f64 } else { cost };
             if saved > 0 || groups.len() > inp.max_files {
                 if best.as_ref().is_none_or(|(p, ..)| per < *p) {
-                    best = Some((per, a, b, group));
+                    best = Some((per, a, b, group, merged, full));
                 }
             }
         }
-        let Some((_, a, b, group)) = best else {
+        let Some((_, a, b, screened, merged, full)) = best else {
             return Err(Error::Usage(format!(
                 "--budget-bytes {}: no merge of two adapters saves bytes (the floors take {} bytes)",
                 inp.budget_bytes,
                 floors(&groups)
             )));
         };
+        let group = make_group(ev, inp, screened.members, full, &merged, false)?;
         groups.remove(b);
         groups.remove(a);
         groups.push(group);

@@ -79,6 +79,29 @@ fn bad_random_seed() -> u64 {
         .unwrap()
 }
 
+/// Total bytes of the task set's input adapters.
+fn input_bytes() -> u64 {
+    std::fs::read_dir(task_set().join("adapters")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+/// Every adapter of a merge output passes `validate` against the base, as llama.cpp's loader
+/// checks it.
+fn assert_valid_adapters(out: &Path, m: &Manifest) {
+    for a in &m.adapters {
+        let p = out.join(&a.file);
+        let (code, o, e) = common::run_cli(&["validate", "--base", common::path_str(&common::base_model()), common::path_str(&p)]);
+        assert_eq!(code, 0, "{}: {o}{e}", a.file);
+    }
+}
+
+/// A budget nothing fits: a clear error naming --budget-bytes, and nothing written.
+fn assert_budget_refused(args: &[&str], out: &Path) {
+    let (code, _, e) = merge(args, out);
+    assert_eq!(code, 1);
+    assert!(e.contains("--budget-bytes"), "{e}");
+    assert!(!out.exists());
+}
+
 fn check_manifest(out: &Path) -> Manifest {
     let m = Manifest::read(&out.join("manifest.json")).unwrap();
     assert_eq!(hash_file(&m.base.file).unwrap(), m.base.blake3);
@@ -105,7 +128,8 @@ fn d2c_recovers_the_groups_from_a_bad_start() {
     let dir = common::tempdir();
     let out = dir.path().join("out");
     let seed = bad_random_seed().to_string();
-    let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "random", "--seed", &seed], &out);
+    // One start only: the rounds alone must find the groups.
+    let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "random", "--seed", &seed, "--restarts", "1"], &out);
     assert_eq!(code, 0, "{stdout}{stderr}");
     let m = check_manifest(&out);
     let start: BTreeSet<BTreeSet<String>> = m.rounds[0].clusters.iter().map(|c| c.iter().cloned().collect()).collect();
@@ -123,6 +147,22 @@ fn d2c_recovers_the_groups_from_a_bad_start() {
         let problems = d2c_gguf::validate::validate_adapter(&base, &out.join(&a.file));
         assert!(problems.is_empty(), "{problems:?}");
     }
+
+    // With restarts (the default) the same bad start is one of several, each scored on its own
+    // clusters, and the rounds start from the best: the groups are found, from a start no
+    // worse than the bad one.
+    let restarted = dir.path().join("restarted");
+    let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "random", "--seed", &seed], &restarted);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let r = check_manifest(&restarted);
+    let starts = r.settings["starts"].as_array().expect("settings.starts");
+    // Four asked for; four tasks split 2 + 2 have only three distinct partitions.
+    assert!((2..=4).contains(&starts.len()), "{starts:?}");
+    assert_eq!(starts[0]["start"], "random");
+    let best_start = starts.iter().map(|s| s["objective"].as_f64().unwrap()).fold(f64::INFINITY, f64::min);
+    assert!((r.rounds[0].objective - best_start).abs() < 1e-9, "round 0 is the best start: {:?} vs {starts:?}", r.rounds[0]);
+    assert!(best_start <= starts[0]["objective"].as_f64().unwrap());
+    assert_eq!(groups_of(&r), true_groups(), "rounds: {:?}", r.rounds);
 }
 
 #[test]
@@ -359,25 +399,14 @@ fn a_byte_budget_is_met_by_choosing_ranks() {
     assert!(m.adapters.iter().any(|a| a.rank < 8), "{:?}", m.adapters);
     assert_eq!(m.storage.budget_bytes, Some(budget));
     // An impossible budget is a clear error and writes nothing.
-    let none = dir.path().join("none");
-    let (code, _, e) = merge(&["--budget", "2", "--strategy", "d2c", "--no-tune", "--budget-bytes", "1000"], &none);
-    assert_eq!(code, 1);
-    assert!(e.contains("--budget-bytes"), "{e}");
-    assert!(!none.exists());
+    assert_budget_refused(&["--budget", "2", "--strategy", "d2c", "--no-tune", "--budget-bytes", "1000"], &dir.path().join("none"));
 }
 
 #[test]
 fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
     let dir = common::tempdir();
     let n = GROUPS * PER_GROUP;
-    let input_bytes: u64 = std::fs::read_dir(task_set().join("adapters")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    let validate_all = |out: &Path, m: &Manifest| {
-        for a in &m.adapters {
-            let p = out.join(&a.file);
-            let (code, o, e) = common::run_cli(&["validate", "--base", common::path_str(&common::base_model()), common::path_str(&p)]);
-            assert_eq!(code, 0, "{}: {o}{e}", a.file);
-        }
-    };
+    let input_bytes = input_bytes();
     // The sizes a task can take do not depend on the budget: one cache serves all three runs.
     let cache = dir.path().join("cache");
     let cache = common::path_str(&cache);
@@ -395,7 +424,7 @@ fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
     // Most of the bytes are spent: an unspent half would mean the knapsack stopped early.
     assert!(m.storage.bytes > budget / 2, "{} of {budget}", m.storage.bytes);
     assert!(m.adapters.iter().all(|a| a.rank < 8), "{:?}", m.adapters);
-    validate_all(&quarter, &m);
+    assert_valid_adapters(&quarter, &m);
 
     // A cap on files below the tasks forces merging; the bytes still hold.
     let capped = dir.path().join("capped");
@@ -405,7 +434,7 @@ fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
     assert!(m.adapters.len() <= 2, "{:?}", m.adapters);
     assert!(m.storage.bytes <= budget);
     assert_eq!(m.tasks.len(), n, "every task is served");
-    validate_all(&capped, &m);
+    assert_valid_adapters(&capped, &m);
 
     // Below the smallest own adapters (1/16 of rank 1's bytes each, about 1/128 of the
     // inputs), only merging fits.
@@ -418,21 +447,17 @@ fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
     assert!(m.adapters.iter().any(|a| a.tasks.len() > 1 && a.merge.is_some()), "{:?}", m.adapters);
     assert!(m.storage.bytes <= tiny_budget);
     assert_eq!(m.tasks.len(), n, "every task is served");
-    validate_all(&tiny, &m);
+    assert_valid_adapters(&tiny, &m);
 
     // And where nothing fits at all: a clear error naming the flag, and nothing written.
-    let none = dir.path().join("none");
-    let (code, _, e) = merge(&["--budget-bytes", "2000"], &none);
-    assert_eq!(code, 1);
-    assert!(e.contains("--budget-bytes"), "{e}");
-    assert!(!none.exists());
+    assert_budget_refused(&["--budget-bytes", "2000"], &dir.path().join("none"));
 }
 
 #[test]
 fn truncation_keeps_every_task_apart_within_the_bytes() {
     let dir = common::tempdir();
     let n = GROUPS * PER_GROUP;
-    let input_bytes: u64 = std::fs::read_dir(task_set().join("adapters")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let input_bytes = input_bytes();
     let n_str = n.to_string();
     // A quarter of the bytes: rank 8 cannot fit, some lower rank must.
     let budget = input_bytes / 4;
@@ -445,12 +470,7 @@ fn truncation_keeps_every_task_apart_within_the_bytes() {
         assert_eq!(m.adapters.len(), n, "{strategy}: one adapter per task");
         assert!(m.storage.bytes <= budget, "{strategy}: {} > {budget}", m.storage.bytes);
         assert!(m.adapters.iter().all(|a| a.merge.is_none() && a.tasks.len() == 1), "{strategy}: {:?}", m.adapters);
-        // Each file is a valid adapter for the base, as llama.cpp's loader checks.
-        for a in &m.adapters {
-            let p = out.join(&a.file);
-            let (code, o, e) = common::run_cli(&["validate", "--base", common::path_str(&common::base_model()), common::path_str(&p)]);
-            assert_eq!(code, 0, "{strategy} {}: {o}{e}", a.file);
-        }
+        assert_valid_adapters(&out, &m);
         if strategy == "truncate" {
             let ranks: BTreeSet<usize> = m.adapters.iter().map(|a| a.rank).collect();
             assert_eq!(ranks.len(), 1, "one uniform rank: {ranks:?}");
