@@ -306,19 +306,22 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
     let fits = spend(&mut groups, inp.budget_bytes);
     debug_assert!(fits, "the floors fit once merging stops");
     let mut shipped: Vec<Size> = groups.iter().map(|g| g.current().clone()).collect();
-    // Every task alone: the knapsack's choice against the global energy allocation at the same
-    // bytes, in each storage type. Ten examples per task pick sizes noisily (the knapsack lost
-    // to the energy split on held-out tests at 1/32 of the demo set's bytes while the examples
-    // called the two equal), so the knapsack is kept only where it is better by more than the
-    // examples can resolve; among energy splits as good as the best, the one that keeps the
-    // most of the adapters' energy.
+    // Every task alone: the knapsack's choice against the truncation baselines at the same
+    // bytes (the global energy split and the uniform rank), in each storage type. Ten examples
+    // per task pick sizes noisily (the knapsack lost to the energy split on held-out tests at
+    // 1/32 of the demo set's bytes while the examples called the two equal), so the knapsack is
+    // kept only where it is better by more than the examples can resolve; among baselines as
+    // good as the best, the one that keeps the most of the adapters' energy. What ships is
+    // never worse on the examples than a baseline by more than TIE.
     if groups.iter().all(|g| g.members.len() == 1) {
         let mean = |sizes: &[Size]| sizes.iter().map(|s| s.regret).sum::<f64>() / n as f64;
         let mut splits: Vec<(f64, f64, Vec<Size>)> = Vec::new();
         let own_type = ev.dtype;
         for dtype in std::iter::once(own_type).chain(inp.storage_types.iter().copied().filter(|&d| d != own_type)) {
-            if let Some(split) = energy_split(ev, inp, dtype)? {
-                splits.push(split);
+            for uniform in [false, true] {
+                if let Some(split) = baseline_split(ev, inp, dtype, uniform)? {
+                    splits.push(split);
+                }
             }
         }
         if let Some(best) = splits.iter().map(|s| s.0).min_by(f64::total_cmp) {
@@ -347,12 +350,20 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
     Ok(Allocation { groups: groups.into_iter().map(|g| g.members).collect(), chosen, rounds })
 }
 
-/// Every task its own adapter with per-target ranks from the global energy split of the budget
-/// in `dtype` (`compress::energy_ranks`), scored: (mean regret, mean share of each task's
-/// energy kept, the sizes). None where one direction per task does not fit.
-fn energy_split(ev: &mut Evaluator, inp: &Inputs<'_>, dtype: DType) -> Result<Option<(f64, f64, Vec<Size>)>> {
+/// Every task its own adapter cut to the budget in `dtype` as the truncation baselines cut it:
+/// per-target ranks from the global energy split (`truncate-energy`), or the largest uniform
+/// rank that fits (`truncate`); scored: (mean regret, mean share of each task's energy kept,
+/// the sizes). None where the cut does not fit.
+fn baseline_split(ev: &mut Evaluator, inp: &Inputs<'_>, dtype: DType, uniform: bool) -> Result<Option<(f64, f64, Vec<Size>)>> {
     let refs: Vec<&LoraAdapter> = inp.tasks.iter().map(|t| &t.adapter).collect();
-    let Ok((ranks, cut)) = compress::energy_ranks(&refs, dtype, inp.budget_bytes) else { return Ok(None) };
+    let cut = if uniform {
+        compress::largest_uniform_rank(&refs, dtype, inp.budget_bytes)
+            .map(|(r, cut)| (refs.iter().map(|a| compress::uniform_ranks(a, r)).collect(), cut))
+    } else {
+        compress::energy_ranks(&refs, dtype, inp.budget_bytes)
+    };
+    let Ok((ranks, cut)) = cut else { return Ok(None) };
+    let ranks: Vec<compress::TargetRanks> = ranks;
     let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
     let mut sizes = Vec::with_capacity(cut.len());
     let mut kept = 0.0;
