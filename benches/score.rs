@@ -219,13 +219,13 @@ fn main() {
 
     // Raw decode on a second instance of the model with the same adapters.
     let mut model = Model::load(&args.model).unwrap();
-    let mut adapters: Vec<_> = adapter_paths.iter().map(|p| model.load_adapter(p).unwrap()).collect();
+    let adapters: Vec<_> = adapter_paths.iter().map(|p| model.load_adapter(p).unwrap()).collect();
     let corpus: Vec<Token> = tokenised.iter().flat_map(|t| t.tokens.iter().copied()).collect();
     let rounds = all_tokens.div_ceil(n_batch).max(2);
     let cfg = SessionConfig { n_ctx: args.batch, n_batch: args.batch, n_seq: 1, threads: Some(args.threads), ..SessionConfig::default() };
-    let mut fa_session = model.session_with(SessionConfig { flash_attention: true, ..cfg }, &mut []).unwrap();
-    // The scorer's own setting: plain attention (see src/score.rs).
-    let mut session = model.session_with(cfg, &mut adapters).unwrap();
+    let mut fa_session = model.session_with(SessionConfig { flash_attention: true, ..cfg }).unwrap();
+    // The scorer's own setting: plain attention (see crates/d2c-runtime/src/score.rs).
+    let mut session = model.session_with(cfg).unwrap();
 
     // Scorer and raw decode alternate, so that a change in machine load hits both alike; the
     // ratios are taken within each repetition, then the median is reported.
@@ -244,7 +244,7 @@ fn main() {
         let raw_last = raw_decode_rate(&mut session, &corpus, n_batch, 0.0, rounds);
         let raw_same = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
         let scored_base = score_once(None);
-        session.set_adapter(Some((0, 1.0))).unwrap();
+        session.set_adapter(Some((adapters[0], 1.0))).unwrap();
         let raw_lora = raw_decode_rate(&mut session, &corpus, n_batch, logit_share, rounds);
         let scored_lora = score_once(Some(a0));
         let raw_fa = raw_decode_rate(&mut fa_session, &corpus, n_batch, 0.0, rounds);
@@ -274,7 +274,7 @@ fn main() {
     let mut set_only = Vec::new();
     for k in 0..30 {
         let t = Instant::now();
-        session.set_adapter(Some((k % 2, 1.0))).unwrap();
+        session.set_adapter(Some((adapters[k % 2], 1.0))).unwrap();
         set_only.push(t.elapsed().as_secs_f64());
         switched.push(short_decode(&mut session));
         session.clear_kv();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use d2c_gguf::adapter::{DType, LoraAdapter, LoraTarget};
 use d2c_gguf::base::BaseModel;
-use d2c_gguf::ffi;
+use d2c_gguf::ggml_type;
 use d2c_gguf::gguf::{GgufWriter, TensorOut, Value};
 use d2c_gguf::synth;
 
@@ -26,14 +26,14 @@ fn raw_adapter(path: &Path, kv: &[(&str, Value)], tensors: &[(&str, Vec<u64>, u3
     }
     for (name, dims, ty) in tensors {
         let n: u64 = dims.iter().product();
-        let data = if *ty == ffi::GGML_TYPE_F32 { f32_bytes(&vec![0.01; n as usize]) } else { vec![0u8; (n * 2) as usize] };
+        let data = if *ty == ggml_type::F32 { f32_bytes(&vec![0.01; n as usize]) } else { vec![0u8; (n * 2) as usize] };
         w.tensors.push(TensorOut { name: name.to_string(), dims: dims.clone(), ggml_type: *ty, data });
     }
     let mut f = std::fs::File::create(path).unwrap();
     w.write_to(&mut f).unwrap();
 }
 
-const F32: u32 = ffi::GGML_TYPE_F32;
+const F32: u32 = ggml_type::F32;
 
 fn q(name: &str, dims: &[u64]) -> (&'static str, Vec<u64>, u32) {
     (Box::leak(name.to_string().into_boxed_str()), dims.to_vec(), F32)

@@ -183,10 +183,10 @@ fn storage_types_follow_llama_cpp_converter() {
 /// Logits of every position of `tokens` under the base model (`None`) and each adapter.
 fn logits_per_adapter(model_path: &Path, adapters: &[&Path], tokens: &[i32]) -> Vec<Vec<f32>> {
     let mut model = Model::load(model_path).unwrap();
-    let mut loaded: Vec<_> = adapters.iter().map(|p| model.load_adapter(p).unwrap()).collect();
-    let mut session = model.session(64, 64, 1, Some(THREADS), &mut loaded).unwrap();
+    let loaded: Vec<_> = adapters.iter().map(|p| model.load_adapter(p).unwrap()).collect();
+    let mut session = model.session(64, 64, 1, Some(THREADS)).unwrap();
     let mut out = Vec::new();
-    for active in std::iter::once(None).chain((0..adapters.len()).map(|i| Some((i, 1.0f32)))) {
+    for active in std::iter::once(None).chain(loaded.iter().map(|&id| Some((id, 1.0f32)))) {
         session.set_adapter(active).unwrap();
         let mut batch = Batch::new(64, 1);
         for (i, t) in tokens.iter().enumerate() {
@@ -479,7 +479,7 @@ fn without_dtype_the_output_keeps_the_inputs_storage_type() {
     let (code, _, stderr) = run_cli(&["merge-adapters", "--method", "svd", "--rank", "1", path_str(&out), "-o", path_str(&cut)]);
     assert_eq!(code, 0, "{stderr}");
     let cut_file = GgufFile::open(&cut).unwrap();
-    assert!(cut_file.tensors.iter().all(|t| t.ggml_type == d2c_gguf::ffi::GGML_TYPE_F16), "cut adapter is not all f16");
+    assert!(cut_file.tensors.iter().all(|t| t.ggml_type == d2c_gguf::ggml_type::F16), "cut adapter is not all f16");
     let (full, half) = (std::fs::metadata(&out).unwrap().len(), std::fs::metadata(&cut).unwrap().len());
     let rank = LoraAdapter::read(&out).unwrap().max_rank();
     assert_eq!(rank, 2);
@@ -489,5 +489,5 @@ fn without_dtype_the_output_keeps_the_inputs_storage_type() {
     let (code, _, stderr) =
         run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&f32_out), "--dtype", "f32"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(GgufFile::open(&f32_out).unwrap().tensors.iter().all(|t| t.ggml_type == d2c_gguf::ffi::GGML_TYPE_F32));
+    assert!(GgufFile::open(&f32_out).unwrap().tensors.iter().all(|t| t.ggml_type == d2c_gguf::ggml_type::F32));
 }

@@ -30,12 +30,8 @@ fn write_adapter(path: &Path, seed: u64) {
 /// First lines of greedy generations, one prompt at a time, under `adapter` (or the base).
 fn reference_first_lines(adapter: Option<&Path>, prompts: &[&str], max_tokens: usize) -> Vec<String> {
     let mut model = Model::load(common::base_model()).unwrap();
-    let mut adapters = match adapter {
-        Some(p) => vec![model.load_adapter(p).unwrap()],
-        None => vec![],
-    };
-    let active = adapter.map(|_| (0, 1.0));
-    let mut session = model.session(256, 256, 1, Some(1), &mut adapters).unwrap();
+    let active = adapter.map(|p| (model.load_adapter(p).unwrap(), 1.0));
+    let mut session = model.session(256, 256, 1, Some(1)).unwrap();
     session.set_adapter(active).unwrap();
     prompts.iter().map(|p| prediction_of(&greedy(&model, &mut session, p, max_tokens).unwrap()).to_string()).collect()
 }

@@ -133,13 +133,8 @@ fn batched_scoring_equals_one_sample_at_a_time() {
 }
 
 /// Decodes `tokens` as one sequence and returns the logits after its last token.
-fn last_logits(
-    model: &Model,
-    adapter: Option<(usize, f32)>,
-    adapters: &mut [d2c_gguf::llama::Adapter],
-    tokens: &[d2c_gguf::llama::Token],
-) -> Vec<f32> {
-    let mut session = model.session(256, 256, 1, Some(THREADS), adapters).unwrap();
+fn last_logits(model: &Model, adapter: Option<(d2c_gguf::llama::AdapterId, f32)>, tokens: &[d2c_gguf::llama::Token]) -> Vec<f32> {
+    let mut session = model.session(256, 256, 1, Some(THREADS)).unwrap();
     session.set_adapter(adapter).unwrap();
     let mut batch = Batch::new(256, 1);
     for (i, t) in tokens.iter().enumerate() {
@@ -155,12 +150,31 @@ fn log_softmax_f64(logits: &[f32], target: usize) -> f64 {
     logits[target] as f64 - max - sum.ln()
 }
 
+/// Adapters belong to the model they were loaded into (llama.cpp frees them with it): a
+/// session refuses another model's adapter instead of applying tensors it does not own.
+#[test]
+fn a_session_refuses_an_adapter_of_another_model() {
+    let dir = common::tempdir();
+    let adapter_path = write_adapter(dir.path(), "a.gguf", 0.03, 3);
+    let mut first = Model::load(common::base_model()).unwrap();
+    let mut second = Model::load(common::base_model()).unwrap();
+    let of_first = first.load_adapter(&adapter_path).unwrap();
+    let of_second = second.load_adapter(&adapter_path).unwrap();
+    assert_ne!(of_first, of_second);
+    let mut session = second.session(64, 64, 1, Some(THREADS)).unwrap();
+    let err = session.set_adapter(Some((of_first, 1.0))).unwrap_err().to_string();
+    assert!(err.contains("was not loaded into"), "{err}");
+    assert_eq!(session.active_adapter(), None, "a refused adapter must not become active");
+    session.set_adapter(Some((of_second, 1.0))).unwrap();
+    assert_eq!(session.active_adapter(), Some((of_second, 1.0)));
+}
+
 #[test]
 fn one_token_completion_equals_log_softmax_of_raw_logits() {
     let dir = common::tempdir();
     let adapter_path = write_adapter(dir.path(), "a.gguf", 0.03, 3);
     let mut model = Model::load(common::base_model()).unwrap();
-    let mut adapters = vec![model.load_adapter(&adapter_path).unwrap()];
+    let loaded = model.load_adapter(&adapter_path).unwrap();
     let mut scorer = Scorer::new(&common::base_model(), opts(256)).unwrap();
     let a = scorer.add_adapter(&adapter_path).unwrap();
 
@@ -171,8 +185,8 @@ fn one_token_completion_equals_log_softmax_of_raw_logits() {
             prompt_tokens.push(model.bos());
         }
         prompt_tokens.extend(model.tokenize(prompt, true));
-        for (setting, job_adapter) in [(None, None), (Some((0, 1.0)), Some(a))] {
-            let logits = last_logits(&model, setting, &mut adapters, &prompt_tokens);
+        for (setting, job_adapter) in [(None, None), (Some((loaded, 1.0)), Some(a))] {
+            let logits = last_logits(&model, setting, &prompt_tokens);
             // The best, the 3rd and the 20th candidate, as long as their text tokenises back to
             // exactly that one token after the prompt; all scored in one call (one batch).
             let mut order: Vec<usize> = (0..logits.len()).collect();

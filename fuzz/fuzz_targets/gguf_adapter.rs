@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = d2c_gguf::adapter::LoraAdapter::from_bytes("fuzz.gguf", data.to_vec());
+    let _ = d2c_format::adapter::LoraAdapter::from_bytes("fuzz.gguf", data.to_vec());
 });

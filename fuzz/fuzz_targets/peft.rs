@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use d2c_gguf::base::BaseModel;
-use d2c_gguf::gguf::GgufFile;
+use d2c_format::base::BaseModel;
+use d2c_format::gguf::GgufFile;
 use libfuzzer_sys::fuzz_target;
 
 const BASES: [(&str, &[u8]); 4] = [
@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let config_len = u32::from_le_bytes(data[1..5].try_into().unwrap()) as usize;
     let rest = &data[5..];
     let (config, weights) = rest.split_at(config_len.min(rest.len()));
-    let _ = d2c_gguf::convert::convert_from_bytes(
+    let _ = d2c_format::convert::convert_from_bytes(
         Path::new("adapter_config.json"),
         config,
         Path::new("adapter_model.safetensors"),

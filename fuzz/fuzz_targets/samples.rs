@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = d2c_gguf::samples::sample_file_from_bytes(std::path::Path::new("fuzz.jsonl"), data);
+    let _ = d2c_format::samples::sample_file_from_bytes(std::path::Path::new("fuzz.jsonl"), data);
 });

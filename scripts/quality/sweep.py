@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,8 @@ from pathlib import Path
 from common import ADAPTERS, BASE_GGUF, QUALITY, TASKS, log, read_jsonl, task_names, write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / "target" / "release" / "d2c-gguf"
+# D2C_BIN: a copy of the binary, so that the tree can be rebuilt while a long sweep runs.
+BIN = Path(os.environ.get("D2C_BIN", ROOT / "target" / "release" / "d2c-gguf"))
 SWEEP = QUALITY / "sweep"
 RESULTS = SWEEP / "results.jsonl"
 # Greedy exact match of each result on the clustering examples (not the tests), for check-objective.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use d2c_gguf::manifest::{hash_file, Manifest};
+use d2c_format::manifest::{hash_file, Manifest};
 use serde_json::{json, Value};
 
 /// One adapter as llama-server will load it: its id is its index in the manifest.
@@ -45,7 +45,7 @@ impl RoutingTable {
     /// Reads the manifest and checks the blake3 of the base model and of every adapter.
     /// Errors name the offending file.
     pub fn load(manifest_path: &Path) -> Result<Self> {
-        // d2c_gguf's errors already name the file; `anyhow!` keeps them from being printed twice.
+        // d2c_format's errors already name the file; `anyhow!` keeps them from being printed twice.
         let manifest = Manifest::read(manifest_path).map_err(|e| anyhow!("cannot read manifest: {e}"))?;
         let dir = manifest_path.parent().map(Path::to_path_buf).unwrap_or_default();
 

@@ -259,7 +259,7 @@ fn same_file(reported: &str, want: &Path, want_blake3: &str) -> bool {
     if reported.canonicalize().is_ok_and(|p| p == want) {
         return true;
     }
-    reported.is_file() && d2c_gguf::manifest::hash_file(&reported).is_ok_and(|h| h.eq_ignore_ascii_case(want_blake3))
+    reported.is_file() && d2c_format::manifest::hash_file(&reported).is_ok_and(|h| h.eq_ignore_ascii_case(want_blake3))
 }
 
 /// Global scales to 0 (every id listed), then read back: a request that reaches llama-server

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use d2c_gguf::adapter::DType;
-use d2c_gguf::base::BaseModel;
-use d2c_gguf::manifest::{self, AdapterEntry, BaseEntry, Manifest, Objective, ScoringStats, Storage};
-use d2c_gguf::synth;
+use d2c_format::adapter::DType;
+use d2c_format::base::BaseModel;
+use d2c_format::manifest::{self, AdapterEntry, BaseEntry, Manifest, Objective, ScoringStats, Storage};
+use d2c_format::synth;
 use serde_json::{json, Value};
 
 pub fn cache_dir() -> PathBuf {

@@ -7,7 +7,7 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::synth;
+use d2c_format::synth;
 
 /// task -> cluster index.
 pub type Assignment = Vec<usize>;

@@ -3,7 +3,8 @@
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -13,7 +14,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
-use crate::error::{Error, Result};
+use d2c_format::error::{Error, Result};
 
 static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
 
@@ -83,19 +84,64 @@ pub fn cpu_kernels() -> Result<String> {
         .join(","))
 }
 
-/// A loaded base model.
+/// A loaded base model and the adapters loaded into it.
+///
+/// The model owns its adapters: llama.cpp frees them when the model is freed, and llama-cpp-2
+/// offers no way to free one earlier (its adapter type has no `Drop` and hides the pointer), so
+/// an adapter is named by an [`AdapterId`] rather than held apart from the model. Sessions
+/// borrow the model, so none outlives it, and adapters are loaded through `&mut self`, so
+/// never while a session runs. Loading the same file twice costs its memory twice.
+///
+/// A session cannot outlive its model:
+/// ```compile_fail,E0515
+/// # fn f(path: &std::path::Path) -> d2c_runtime::llama::Session<'static> {
+/// let model = d2c_runtime::llama::Model::load(path).unwrap();
+/// model.session_with(Default::default()).unwrap() // `model` is dropped here
+/// # }
+/// ```
+/// Nor can an adapter be loaded while a session on the model is alive:
+/// ```compile_fail,E0502
+/// # fn f(path: &std::path::Path) {
+/// let mut model = d2c_runtime::llama::Model::load(path).unwrap();
+/// let session = model.session_with(Default::default()).unwrap();
+/// model.load_adapter(path).unwrap();
+/// drop(session);
+/// # }
+/// ```
+/// An adapter's details borrow the model too:
+/// ```compile_fail,E0505
+/// # fn f(path: &std::path::Path) {
+/// let mut model = d2c_runtime::llama::Model::load(path).unwrap();
+/// let id = model.load_adapter(path).unwrap();
+/// let adapter_path = model.adapter_path(id).unwrap();
+/// drop(model);
+/// println!("{}", adapter_path.display());
+/// # }
+/// ```
+/// An id from another model is refused at run time (see `tests/score.rs`).
 pub struct Model {
     pub path: PathBuf,
     inner: LlamaModel,
+    /// Tells this model's [`AdapterId`]s from other models'.
+    serial: u64,
+    adapters: Vec<LoadedAdapter>,
 }
 
-/// A LoRA adapter loaded into a model. llama-cpp-2 gives `LlamaLoraAdapter` no `Drop`: the
-/// model owns its adapters and frees them when it is dropped, so an `Adapter` must not be used
-/// with another model, and loading the same file twice costs its memory twice.
-pub struct Adapter {
-    pub path: PathBuf,
-    inner: LlamaLoraAdapter,
+struct LoadedAdapter {
+    path: PathBuf,
+    /// llama-cpp-2 wants `&mut` to apply an adapter, although llama.cpp only reads it; the lock
+    /// lets sessions (which share the model) take turns at that.
+    inner: Mutex<LlamaLoraAdapter>,
 }
+
+/// An adapter loaded into a [`Model`], valid with that model only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterId {
+    model: u64,
+    index: usize,
+}
+
+static NEXT_MODEL_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 impl Model {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
@@ -105,7 +151,7 @@ impl Model {
         }
         let inner = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
             .map_err(|e| Error::Llama(format!("{}: failed to load model: {e}", path.display())))?;
-        Ok(Model { path: path.to_path_buf(), inner })
+        Ok(Model { path: path.to_path_buf(), inner, serial: NEXT_MODEL_SERIAL.fetch_add(1, Ordering::Relaxed), adapters: Vec::new() })
     }
 
     pub fn n_vocab(&self) -> usize {
@@ -164,28 +210,38 @@ impl Model {
     }
 
     /// Loads an adapter file into this model. llama.cpp checks it against the model here.
-    pub fn load_adapter(&mut self, path: impl AsRef<Path>) -> Result<Adapter> {
+    pub fn load_adapter(&mut self, path: impl AsRef<Path>) -> Result<AdapterId> {
         let path = path.as_ref();
         if !path.is_file() {
             return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "adapter file not found")));
         }
         let inner =
             self.inner.lora_adapter_init(path).map_err(|e| Error::Llama(format!("{}: llama.cpp refused the adapter: {e}", path.display())))?;
-        Ok(Adapter { path: path.to_path_buf(), inner })
+        self.adapters.push(LoadedAdapter { path: path.to_path_buf(), inner: Mutex::new(inner) });
+        Ok(AdapterId { model: self.serial, index: self.adapters.len() - 1 })
+    }
+
+    fn adapter(&self, id: AdapterId) -> Result<&LoadedAdapter> {
+        match self.adapters.get(id.index) {
+            Some(a) if id.model == self.serial => Ok(a),
+            _ => Err(Error::Usage(format!("adapter #{} was not loaded into {}", id.index, self.path.display()))),
+        }
+    }
+
+    /// The file an adapter of this model was loaded from.
+    pub fn adapter_path(&self, id: AdapterId) -> Result<&Path> {
+        Ok(&self.adapter(id)?.path)
     }
 
     /// A context for evaluation: `n_ctx` tokens of KV cache shared by up to `n_seq` sequences
     /// (sequence ids `0..n_seq`), decoding at most `n_batch` tokens per call, with the default
     /// [`SessionConfig`] otherwise. See [`Model::session_with`].
-    pub fn session<'m>(&'m self, n_ctx: u32, n_batch: u32, n_seq: u32, threads: Option<i32>, adapters: &'m mut [Adapter]) -> Result<Session<'m>> {
-        self.session_with(SessionConfig { n_ctx, n_batch, n_seq, threads, ..SessionConfig::default() }, adapters)
+    pub fn session(&self, n_ctx: u32, n_batch: u32, n_seq: u32, threads: Option<i32>) -> Result<Session<'_>> {
+        self.session_with(SessionConfig { n_ctx, n_batch, n_seq, threads, ..SessionConfig::default() })
     }
 
-    /// A context for evaluation. The session borrows `adapters` (loaded into this model) and
-    /// switches between them by index; borrowing rather than owning lets a caller keep its
-    /// adapters across sessions, since loading one needs `&mut Model` and so cannot happen
-    /// while a session is alive.
-    pub fn session_with<'m>(&'m self, cfg: SessionConfig, adapters: &'m mut [Adapter]) -> Result<Session<'m>> {
+    /// A context for evaluation, which can switch between this model's adapters.
+    pub fn session_with(&self, cfg: SessionConfig) -> Result<Session<'_>> {
         let SessionConfig { n_ctx, n_batch, n_seq, threads, flash_attention } = cfg;
         if n_seq == 0 || n_seq > MAX_SEQUENCES {
             return Err(Error::Usage(format!("{n_seq} sequences per context (llama.cpp allows 1 to {MAX_SEQUENCES})")));
@@ -207,7 +263,7 @@ impl Model {
             .with_n_threads_batch(threads);
         let ctx =
             self.inner.new_context(backend()?, params).map_err(|e| Error::Llama(format!("{}: cannot create a context: {e}", self.path.display())))?;
-        Ok(Session { ctx, n_batch, n_seq, n_vocab: self.n_vocab(), adapters, active: None })
+        Ok(Session { ctx, model: self, n_batch, n_seq, n_vocab: self.n_vocab(), active: None })
     }
 }
 
@@ -238,45 +294,47 @@ pub fn default_threads() -> i32 {
     std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4)
 }
 
-/// An evaluation context on a model, with the adapters it can switch between.
+/// An evaluation context on a model, switching between the model's adapters.
 pub struct Session<'m> {
     ctx: LlamaContext<'m>,
+    model: &'m Model,
     pub n_batch: u32,
     pub n_seq: u32,
     pub n_vocab: usize,
-    adapters: &'m mut [Adapter],
-    active: Option<(usize, f32)>,
+    active: Option<(AdapterId, f32)>,
 }
 
 impl<'m> Session<'m> {
-    pub fn adapters(&self) -> &[Adapter] {
-        self.adapters
+    pub fn model(&self) -> &'m Model {
+        self.model
     }
 
     /// The adapter (and its scale) now applied; `None` is the base model.
-    pub fn active_adapter(&self) -> Option<(usize, f32)> {
+    pub fn active_adapter(&self) -> Option<(AdapterId, f32)> {
         self.active
     }
 
-    /// Makes adapter `index` (at `scale`) the only active adapter, or none (the base model).
+    /// Makes adapter `id` (at `scale`) the only active adapter, or none (the base model).
     /// The KV cache is cleared: what it holds was computed under the previous adapter set.
-    pub fn set_adapter(&mut self, active: Option<(usize, f32)>) -> Result<()> {
+    pub fn set_adapter(&mut self, active: Option<(AdapterId, f32)>) -> Result<()> {
         if active == self.active {
             self.ctx.clear_kv_cache();
             return Ok(());
         }
+        let lock = |a: &'m LoadedAdapter| a.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match active {
-            Some((i, scale)) => {
-                let a = self.adapters.get_mut(i).ok_or_else(|| Error::Usage(format!("no adapter #{i} in this session")))?;
+            Some((id, scale)) => {
+                let a = self.model.adapter(id)?;
                 self.ctx
-                    .lora_adapter_set(&mut a.inner, scale)
+                    .lora_adapter_set(&mut lock(a), scale)
                     .map_err(|e| Error::Llama(format!("{}: cannot apply adapter: {e}", a.path.display())))?;
             }
             None => {
                 // llama-cpp-2's remove clears the whole set (its argument is not used); an
                 // adapter was active, so there is one to pass.
-                if let Some(a) = self.adapters.first_mut() {
-                    self.ctx.lora_adapter_remove(&mut a.inner).map_err(|e| Error::Llama(format!("cannot clear adapters: {e}")))?;
+                if let Some((id, _)) = self.active {
+                    let a = self.model.adapter(id)?;
+                    self.ctx.lora_adapter_remove(&mut lock(a)).map_err(|e| Error::Llama(format!("cannot clear adapters: {e}")))?;
                 }
             }
         }

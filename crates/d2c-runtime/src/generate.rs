@@ -9,12 +9,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::adapter::{DType, KEY_TASK_NAME};
-use crate::base::BaseModel;
-use crate::error::{Error, Result};
-use crate::gguf::Value;
 use crate::llama::{Batch, Model, Session};
-use crate::synth;
+use d2c_format::adapter::{DType, KEY_TASK_NAME};
+use d2c_format::base::BaseModel;
+use d2c_format::error::{Error, Result};
+use d2c_format::gguf::Value;
+use d2c_format::synth;
 
 /// Greedy continuation of `prompt` (at most `max_tokens`, stopping at end-of-generation), with
 /// whatever adapter the session has active. Returns the generated text.
@@ -147,10 +147,10 @@ pub fn synth_tasks(base_path: &Path, out: &Path, opts: &SynthTaskOptions) -> Res
 
     // Examples: greedy completions under each task's prototype, prompts drawn per task.
     let mut model = Model::load(base_path)?;
-    let mut adapters = prototype_paths.iter().map(|p| model.load_adapter(p)).collect::<Result<Vec<_>>>()?;
-    let mut session = model.session(512, 512, 1, opts.threads, &mut adapters)?;
+    let adapters = prototype_paths.iter().map(|p| model.load_adapter(p)).collect::<Result<Vec<_>>>()?;
+    let mut session = model.session(512, 512, 1, opts.threads)?;
     for g in 0..opts.groups {
-        session.set_adapter(Some((g, 1.0)))?;
+        session.set_adapter(Some((adapters[g], 1.0)))?;
         for t in 0..opts.tasks_per_group {
             let name = synth_task_name(g, t);
             let offset = (g * opts.tasks_per_group + t) * 5;
@@ -165,7 +165,7 @@ pub fn synth_tasks(base_path: &Path, out: &Path, opts: &SynthTaskOptions) -> Res
                 lines.push('\n');
             }
             let p = dirs[1].join(format!("{name}.jsonl"));
-            crate::fsutil::write_atomic(&p, &[], |f| f.write_all(lines.as_bytes()))?;
+            d2c_format::fsutil::write_atomic(&p, &[], |f| f.write_all(lines.as_bytes()))?;
         }
     }
     drop(session);

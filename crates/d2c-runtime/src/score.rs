@@ -39,9 +39,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::llama::{self, Adapter, Batch, Model, Token};
-use crate::samples::{self, Sample, SampleFile};
+use crate::llama::{self, AdapterId, Batch, Model, Token};
+use d2c_format::error::{Error, Result};
+use d2c_format::samples::{self, Sample, SampleFile};
 
 /// What is scored after each completion. Generation must stop after the answer as well as
 /// produce it: an adapter that runs on (`18700` -> `187000`) gives every completion token its
@@ -167,7 +167,7 @@ impl SampleTokens {
 /// A base model loaded once, with every adapter loaded once, scoring sample sets.
 pub struct Scorer {
     model: Model,
-    adapters: Vec<Adapter>,
+    adapters: Vec<AdapterId>,
     opts: ScoreOptions,
     /// Per vocabulary entry: does greedy generation stop on it (see [`SampleScore::exact`]).
     ends_line: Vec<bool>,
@@ -210,8 +210,9 @@ impl Scorer {
         &self.model
     }
 
-    pub fn adapters(&self) -> &[Adapter] {
-        &self.adapters
+    /// The files of the adapters loaded, in [`Scorer::add_adapter`] order.
+    pub fn adapter_paths(&self) -> impl Iterator<Item = &Path> {
+        self.adapters.iter().map(|&id| self.model.adapter_path(id).expect("the scorer's own adapter"))
     }
 
     pub fn options(&self) -> &ScoreOptions {
@@ -274,8 +275,8 @@ impl Scorer {
     }
 
     /// Scores every (adapter, sample set) job, adapter `None` = the base, at the job's scale;
-    /// results are in job order. One context is created per call: llama-cpp-2 needs
-    /// `&mut Model` to load adapters, so a context cannot outlive it.
+    /// results are in job order. One context is created per call: adapters are loaded through
+    /// `&mut Model`, so a context cannot outlive the call.
     pub fn score(&mut self, jobs: &[ScoreJob<'_>]) -> Result<Vec<SetScore>> {
         // Sample sets are told apart by identity (the same slice in several jobs is tokenised
         // and, under the same adapter, decoded once).
@@ -354,12 +355,12 @@ impl Scorer {
             // Batch-independent numbers (see the module documentation).
             flash_attention: false,
         };
-        let mut session = self.model.session_with(cfg, &mut self.adapters)?;
+        let mut session = self.model.session_with(cfg)?;
         let mut batch = Batch::new(n_batch, 1);
         // Per group, per set, per sample.
         let mut results: Vec<HashMap<usize, Vec<Tally>>> = Vec::with_capacity(groups.len());
         for g in &groups {
-            let active = g.key.0.map(|a| (a, f32::from_bits(g.key.1)));
+            let active = g.key.0.map(|a| (self.adapters[a], f32::from_bits(g.key.1)));
             session.set_adapter(active)?;
             let mut sums: HashMap<usize, Vec<Tally>> = g.sets.iter().map(|&s| (s, vec![Tally::default(); sets[s].len()])).collect();
             for decode in &g.plan {
@@ -384,7 +385,7 @@ impl Scorer {
             for (&set, per_sample) in &sums {
                 if let Some((i, _)) = per_sample.iter().enumerate().find(|(_, t)| !t.nats.is_finite()) {
                     let what = match g.key.0 {
-                        Some(a) => format!("adapter {}", session.adapters()[a].path.display()),
+                        Some(a) => format!("adapter {}", self.model.adapter_path(self.adapters[a])?.display()),
                         None => "the base model".into(),
                     };
                     let job = job_set.iter().position(|&s| s == set).unwrap_or(0);

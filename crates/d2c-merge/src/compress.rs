@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, BinaryHeap};
 
 use rayon::prelude::*;
 
-use crate::adapter::{DType, LoraAdapter, LoraTarget};
-use crate::error::{Error, Result};
 use crate::merge;
+use d2c_format::adapter::{DType, LoraAdapter, LoraTarget};
+use d2c_format::error::{Error, Result};
 
 /// Rank per target name; a target absent (or at 0) is dropped.
 pub type TargetRanks = BTreeMap<String, usize>;

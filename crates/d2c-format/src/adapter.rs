@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::ffi;
+use crate::ggml_type;
 use crate::gguf::{GgufFile, GgufWriter, TensorOut, Value};
 
 pub const KEY_GENERAL_TYPE: &str = "general.type";
@@ -52,12 +52,12 @@ impl DType {
 
     pub fn ggml_type(self) -> u32 {
         match self {
-            DType::F32 => ffi::GGML_TYPE_F32,
-            DType::F16 => ffi::GGML_TYPE_F16,
-            DType::BF16 => ffi::GGML_TYPE_BF16,
-            DType::Q8_0 => ffi::GGML_TYPE_Q8_0,
-            DType::Q5_0 => ffi::GGML_TYPE_Q5_0,
-            DType::Q4_0 => ffi::GGML_TYPE_Q4_0,
+            DType::F32 => ggml_type::F32,
+            DType::F16 => ggml_type::F16,
+            DType::BF16 => ggml_type::BF16,
+            DType::Q8_0 => ggml_type::Q8_0,
+            DType::Q5_0 => ggml_type::Q5_0,
+            DType::Q4_0 => ggml_type::Q4_0,
         }
     }
 
@@ -298,7 +298,7 @@ impl LoraAdapter {
             };
             let (a_dtype, b_dtype) = (dtype_of(ta)?, dtype_of(tb)?);
             let decode = |t: &crate::gguf::TensorInfo| {
-                ffi::decode_to_f32(t.ggml_type, file.tensor_data(t), t.n_elements() as usize).map_err(|r| inv(&format!("tensor {}", t.name), r))
+                ggml_type::decode_to_f32(t.ggml_type, file.tensor_data(t), t.n_elements() as usize).map_err(|r| inv(&format!("tensor {}", t.name), r))
             };
             let (a_raw, b_raw) = (decode(ta)?, decode(tb)?);
             let is_embd = base.ends_with(TOKEN_EMBD);
@@ -363,7 +363,7 @@ impl LoraAdapter {
                         return Err(fail(&name, "name is longer than ggml's 63 bytes".into()));
                     }
                     let chosen = if dtype.fits_row(row) { dtype } else { DType::F16 };
-                    let bytes = ffi::encode_from_f32(chosen.ggml_type(), &data, row).map_err(|r| fail(&name, r))?;
+                    let bytes = ggml_type::encode_from_f32(chosen.ggml_type(), &data, row).map_err(|r| fail(&name, r))?;
                     Ok(TensorOut { name, dims, ggml_type: chosen.ggml_type(), data: bytes })
                 };
                 Ok([encode_one(SUFFIX_A, a_data, a_row, a_dims)?, encode_one(SUFFIX_B, b_data, b_row, b_dims)?])

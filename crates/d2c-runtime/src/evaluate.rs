@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::llama::{Adapter, Batch, Model, Session, SessionConfig, Token};
-use crate::manifest::{self, Manifest};
-use crate::samples::{self, Sample};
+use crate::llama::{AdapterId, Batch, Model, Session, SessionConfig, Token};
+use d2c_format::error::{Error, Result};
+use d2c_format::manifest::{self, Manifest};
+use d2c_format::samples::{self, Sample};
 
 /// Which adapter each task is evaluated under.
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
     let mut files: Vec<PathBuf> = assignment.values().flatten().cloned().collect();
     files.sort();
     files.dedup();
-    let mut adapters: Vec<Adapter> = Vec::with_capacity(files.len());
+    let mut adapters: Vec<AdapterId> = Vec::with_capacity(files.len());
     for f in &files {
         adapters.push(model.load_adapter(f)?);
     }
@@ -142,18 +142,18 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
         )));
     }
     let cfg = SessionConfig { n_ctx: n_ctx as u32, n_batch: opts.n_batch, n_seq: n_parallel as u32, threads: opts.threads, flash_attention: false };
-    let mut session = model.session_with(cfg, &mut adapters)?;
+    let mut session = model.session_with(cfg)?;
 
     let mut groups: BTreeMap<Option<usize>, Vec<&str>> = BTreeMap::new();
     for (task, file) in &assignment {
         let index = file.as_ref().map(|f| files.binary_search(f).expect("every assigned file was loaded"));
         groups.entry(index).or_default().push(task.as_str());
     }
-    let progress = crate::progress::bar(opts.progress, tests.values().map(|s| s.len() as u64).sum(), "evaluating");
+    let progress = d2c_format::progress::bar(opts.progress, tests.values().map(|s| s.len() as u64).sum(), "evaluating");
     let mut generated: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut decoded_tokens = 0;
     for (adapter, group) in &groups {
-        session.set_adapter(adapter.map(|i| (i, 1.0)))?;
+        session.set_adapter(adapter.map(|i| (adapters[i], 1.0)))?;
         let prompts: Vec<&[Token]> = group.iter().flat_map(|t| prompts_of[t].iter().map(|p| p.as_slice())).collect();
         let mut outputs = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(n_parallel) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::adapter::{DType, KEY_ADAPTER_TYPE, KEY_ALORA_TOKENS, KEY_ALPHA, KEY_ARCHITECTURE, KEY_GENERAL_TYPE, SUFFIX_A, SUFFIX_B, TOKEN_EMBD};
 use crate::base::BaseModel;
-use crate::ffi;
+use crate::ggml_type;
 use crate::gguf::{GgufFile, TensorInfo, Value, ValueType};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub fn validate_adapter(base: &BaseModel, path: &Path) -> Vec<Problem> {
             }
         }
         for t in [a, b] {
-            match ffi::decode_to_f32(t.ggml_type, file.tensor_data(t), t.n_elements() as usize) {
+            match ggml_type::decode_to_f32(t.ggml_type, file.tensor_data(t), t.n_elements() as usize) {
                 Ok(values) => {
                     let bad = values.iter().filter(|v| !v.is_finite()).count();
                     if bad > 0 {

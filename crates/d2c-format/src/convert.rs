@@ -30,7 +30,6 @@ use serde_json::Value as Json;
 use crate::adapter::{DType, LoraAdapter, LoraTarget, KEY_ALORA_TOKENS, KEY_TASK_NAME, TOKEN_EMBD};
 use crate::base::BaseModel;
 use crate::error::{Error, Result};
-use crate::ffi;
 use crate::fsutil;
 use crate::gguf::{GgufWriter, Value, ValueType};
 use crate::validate;
@@ -461,7 +460,7 @@ pub fn convert_in_memory(peft_dir: &Path, base: &BaseModel) -> Result<Converted>
     let config = PeftConfig::read(&config_path)?;
     check_arch(base)?;
     let file = File::open(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
-    let map = ffi::map_file(&file).map_err(|e| Error::io(&weights_path, e))?;
+    let map = crate::map::map_file(&file).map_err(|e| Error::io(&weights_path, e))?;
     convert_parsed(&config, &weights_path, &map, base, task_name_of(peft_dir))
 }
 

@@ -4,8 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::adapter::LoraAdapter;
 use crate::linalg;
+use d2c_format::adapter::LoraAdapter;
 
 pub use crate::merge::{check_compatible, check_compatible_named};
 

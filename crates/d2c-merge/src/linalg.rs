@@ -17,7 +17,7 @@ use faer::linalg::triangular_solve;
 use faer::traits::RealField;
 use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
 
-use crate::error::{Error, Result};
+use d2c_format::error::{Error, Result};
 
 /// The column-major view of a row-major `rows x cols` slice: its transpose, `cols x rows`.
 pub fn view_t<T: RealField>(data: &[T], rows: usize, cols: usize) -> MatRef<'_, T> {

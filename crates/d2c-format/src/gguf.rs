@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::ffi;
+use crate::ggml_type;
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// Versions 2 and 3 share the layout we parse (64-bit counts); version 1 used 32-bit counts
@@ -212,7 +212,7 @@ impl TensorInfo {
     }
 
     pub fn type_name(&self) -> String {
-        ffi::ggml_type_info(self.ggml_type).map(|t| t.name).unwrap_or_else(|| format!("type#{}", self.ggml_type))
+        ggml_type::type_info(self.ggml_type).map(|t| t.name.to_string()).unwrap_or_else(|| format!("type#{}", self.ggml_type))
     }
 }
 
@@ -361,7 +361,7 @@ fn align_up(x: u64, a: u64) -> u64 {
 
 /// Bytes of a tensor of `dims` in ggml type `ggml_type`, or why it cannot be laid out.
 pub fn tensor_bytes(ggml_type: u32, dims: &[u64]) -> std::result::Result<u64, String> {
-    let info = ffi::ggml_type_info(ggml_type).ok_or_else(|| format!("unknown or removed ggml type {ggml_type}"))?;
+    let info = ggml_type::type_info(ggml_type).ok_or_else(|| format!("unknown or removed ggml type {ggml_type}"))?;
     let ne0 = *dims.first().unwrap_or(&1);
     if ne0 % info.block_size != 0 {
         return Err(format!("row length {ne0} is not a multiple of the {} block size {}", info.name, info.block_size));
@@ -374,7 +374,7 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let map = ffi::map_file(&file).map_err(|e| Error::io(path, e))?;
+        let map = crate::map::map_file(&file).map_err(|e| Error::io(path, e))?;
         Self::parse(path, Bytes::Mapped(map))
     }
 

@@ -34,10 +34,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::adapter::{LoraAdapter, LoraTarget};
-use crate::error::{Error, Result};
-use crate::gguf::{Value, ValueType};
 use crate::linalg;
+use d2c_format::adapter::{LoraAdapter, LoraTarget};
+use d2c_format::error::{Error, Result};
+use d2c_format::gguf::{Value, ValueType};
 
 pub const KEY_METHOD: &str = "d2c.merge.method";
 pub const KEY_N_INPUTS: &str = "d2c.merge.n_inputs";
@@ -647,7 +647,7 @@ pub fn low_rank(m: &[f32], n_out: usize, n_in: usize, rank: usize, seed: u64) ->
         (svd.u, svd.s, svd.v)
     } else {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let omega = Mat::<f32>::from_fn(n_out, k, |_, _| crate::synth::normal(&mut rng));
+        let omega = Mat::<f32>::from_fn(n_out, k, |_, _| d2c_format::synth::normal(&mut rng));
         let mut q = linalg::orthonormal_basis(linalg::mul(x, omega.as_ref(), Par::Seq), Par::Seq);
         for _ in 0..2 {
             let z = linalg::orthonormal_basis(linalg::mul(x.transpose(), q.as_ref(), Par::Seq), Par::Seq);
