@@ -13,6 +13,11 @@ if cargo fmt --version >/dev/null 2>&1; then
 else
   echo "test: rustfmt is not installed (rustup component add rustfmt); formatting not checked" >&2
 fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --release --workspace --all-targets --locked -- -D warnings
+else
+  echo "test: clippy is not installed (rustup component add clippy); lints not checked" >&2
+fi
 # One test at a time: llama.cpp already uses every core, and its spinning thread pools slow
 # to a crawl when several tests oversubscribe the CPU.
 cargo test --release --workspace --locked -- --test-threads=1 "$@"

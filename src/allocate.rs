@@ -283,10 +283,8 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
             let cost = group.floor().regret - groups[a].floor().regret - groups[b].floor().regret;
             // Under a cap on files every merge saves one; otherwise bytes are what is short.
             let per = if floors(&groups) > inp.budget_bytes { cost / saved.max(1) as f64 } else { cost };
-            if saved > 0 || groups.len() > inp.max_files {
-                if best.as_ref().is_none_or(|(p, ..)| per < *p) {
-                    best = Some((per, a, b, group, merged, full));
-                }
+            if (saved > 0 || groups.len() > inp.max_files) && best.as_ref().is_none_or(|(p, ..)| per < *p) {
+                best = Some((per, a, b, group, merged, full));
             }
         }
         let Some((_, a, b, screened, merged, full)) = best else {

@@ -463,7 +463,7 @@ fn without_dtype_the_output_keeps_the_inputs_storage_type() {
     let out = dir.path().join("default.gguf");
     let (code, _, stderr) = run_cli(&["convert", "--peft", path_str(&case.join("peft")), "--base", path_str(&base), "-o", path_str(&out)]);
     assert_eq!(code, 0, "{stderr}");
-    let (a, b) = (GgufFile::open(&out).unwrap(), GgufFile::open(&case.join("reference.gguf")).unwrap());
+    let (a, b) = (GgufFile::open(&out).unwrap(), GgufFile::open(case.join("reference.gguf")).unwrap());
     for t in &b.tensors {
         let mine = a.tensor(&t.name).unwrap_or_else(|| panic!("missing {}", t.name));
         assert_eq!(mine.ggml_type, t.ggml_type, "{}", t.name);

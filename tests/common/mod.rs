@@ -131,7 +131,8 @@ impl Drop for LlamaServer {
 pub fn small_task_set(groups: usize, per_group: usize, seed: u64) -> PathBuf {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    static SETS: Mutex<Option<HashMap<(usize, usize, u64), PathBuf>>> = Mutex::new(None);
+    type BuiltSets = HashMap<(usize, usize, u64), PathBuf>;
+    static SETS: Mutex<Option<BuiltSets>> = Mutex::new(None);
     let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
     let sets = sets.get_or_insert_with(HashMap::new);
     sets.entry((groups, per_group, seed))

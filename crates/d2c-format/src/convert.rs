@@ -564,7 +564,7 @@ fn convert_parsed(config: &PeftConfig, weights_path: &Path, weights: &[u8], base
     // Collected in full before looking for errors, so the one reported is the first by name
     // whatever the thread timing.
     let converted: Vec<Result<(String, LoraTarget, f64)>> =
-        modules.par_iter().map(|m| convert_module(m, arch, base, &config, &weights_path)).collect();
+        modules.par_iter().map(|m| convert_module(m, arch, base, config, &weights_path)).collect();
     let converted = converted.into_iter().collect::<Result<Vec<_>>>()?;
 
     let mut adapter = LoraAdapter::new(base.architecture.clone(), 0.0);

@@ -71,7 +71,7 @@ mod tests {
     use d2c_format::ggml_type::{self, CODEC_TYPES};
 
     fn ggml_traits(ggml_type: u32) -> &'static sys::ggml_type_traits {
-        assert!(ggml_type < sys::GGML_TYPE_COUNT as u32);
+        assert!(ggml_type < sys::GGML_TYPE_COUNT);
         // SAFETY: the index is below GGML_TYPE_COUNT, so ggml returns a pointer into its
         // static type table, which lives for the whole program.
         unsafe { &*sys::ggml_get_type_traits(ggml_type as sys::ggml_type) }
@@ -109,8 +109,8 @@ mod tests {
 
     #[test]
     fn the_type_table_is_ggmls() {
-        assert_eq!(ggml_type::TYPE_COUNT, sys::GGML_TYPE_COUNT as u32);
-        for id in 0..sys::GGML_TYPE_COUNT as u32 {
+        assert_eq!(ggml_type::TYPE_COUNT, sys::GGML_TYPE_COUNT);
+        for id in 0..sys::GGML_TYPE_COUNT {
             let t = ggml_traits(id);
             let removed = t.blck_size <= 0 || t.type_size == 0 || t.type_name.is_null();
             let ours = ggml_type::type_info(id);

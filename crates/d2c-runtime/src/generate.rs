@@ -31,8 +31,7 @@ pub fn greedy(model: &Model, session: &mut Session<'_>, prompt: &str, max_tokens
     session.decode(&mut batch)?;
     let mut last = batch.n_tokens() - 1;
     let mut out = Vec::new();
-    let mut pos = tokens.len() as i32;
-    for _ in 0..max_tokens {
+    for pos in (tokens.len() as i32..).take(max_tokens) {
         let token = crate::llama::greedy_token(session.logits_ith(last));
         if model.is_eog(token) {
             break;
@@ -42,7 +41,6 @@ pub fn greedy(model: &Model, session: &mut Session<'_>, prompt: &str, max_tokens
         batch.add(token, pos, &[0], true).map_err(|e| Error::Llama(e.to_string()))?;
         session.decode(&mut batch)?;
         last = 0;
-        pos += 1;
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
 }

@@ -504,7 +504,7 @@ pub fn kv_align_for(features: &[(String, String)]) -> usize {
 fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_align: usize) -> Vec<Decode> {
     let mut items: Vec<(usize, usize, usize)> =
         which.iter().flat_map(|&set| sets[set].iter().enumerate().map(move |(i, s)| (set, i, s.tokens.len()))).collect();
-    items.sort_by(|a, b| b.2.cmp(&a.2));
+    items.sort_by_key(|item| std::cmp::Reverse(item.2));
     let max_seq = llama::MAX_SEQUENCES as usize;
     let mut plan = Vec::new();
     // Open batches: tokens used so far (the last piece's padding included), pieces.
