@@ -22,24 +22,12 @@ const N_INPUTS: usize = 8;
 const RANK: usize = 16;
 const ALPHA: f32 = 32.0;
 
-fn base_model_path() -> PathBuf {
-    match std::env::var_os("D2C_BASE_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("D2C_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf"));
-            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    }
-}
-
 /// The 8 inputs of one configuration.
 fn inputs(config: &str, layers: Option<usize>) -> Vec<LoraAdapter> {
     let modules: Vec<&str> = synth::ATTENTION.iter().chain(synth::MLP.iter()).copied().collect();
     match config {
         "smollm2" => {
-            let path = base_model_path();
+            let path = d2c_test_assets::base_model();
             let base = BaseModel::open(&path).unwrap_or_else(|e| panic!("{e} (run scripts/setup.sh)"));
             (0..N_INPUTS as u64)
                 .map(|seed| {

@@ -33,16 +33,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let cache = std::env::var_os("D2C_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf"));
-    let mut a = Args {
-        model: std::env::var_os("D2C_BASE_MODEL").map(PathBuf::from).unwrap_or_else(|| cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        threads: d2c_gguf::llama::default_threads(),
-        batch: 256,
-        samples: 96,
-        reps: 3,
-    };
+    let mut a = Args { model: d2c_test_assets::base_model(), threads: d2c_gguf::llama::default_threads(), batch: 256, samples: 96, reps: 3 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));

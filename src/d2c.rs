@@ -9,10 +9,8 @@
 //! is kept, so D2C never ends worse (on the examples) than the clusters it starts from.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Instant;
 
 use serde_json::json;
@@ -32,7 +30,7 @@ use crate::score::{CompletionEnd, ScoreOptions, Scorer};
 use crate::similarity;
 use crate::validate;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Strategy {
     /// Weight-space clusters refined by merge -> score -> reassign rounds.
     D2c,
@@ -61,62 +59,18 @@ impl Strategy {
     }
 }
 
-impl FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Ok(match s {
-            "d2c" => Strategy::D2c,
-            "kmeans" => Strategy::Kmeans,
-            "random" => Strategy::Random,
-            "single" => Strategy::Single,
-            "truncate" => Strategy::Truncate,
-            "truncate-energy" => Strategy::TruncateEnergy,
-            "allocate" => Strategy::Allocate,
-            _ => return Err(format!("unknown strategy '{s}' (expected d2c, kmeans, random, single, truncate, truncate-energy or allocate)")),
-        })
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Strategy::D2c => "d2c",
-            Strategy::Kmeans => "kmeans",
-            Strategy::Random => "random",
-            Strategy::Single => "single",
-            Strategy::Truncate => "truncate",
-            Strategy::TruncateEnergy => "truncate-energy",
-            Strategy::Allocate => "allocate",
-        })
-    }
-}
+d2c_format::value_names!(Strategy, "strategy");
 
 /// Where D2C's rounds start from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Init {
+    /// Weight-space k-medoids.
     Kmeans,
+    /// A seeded random partition.
     Random,
 }
 
-impl FromStr for Init {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "kmeans" => Ok(Init::Kmeans),
-            "random" => Ok(Init::Random),
-            _ => Err(format!("unknown init '{s}' (expected kmeans or random)")),
-        }
-    }
-}
-
-impl fmt::Display for Init {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Init::Kmeans => "kmeans",
-            Init::Random => "random",
-        })
-    }
-}
+d2c_format::value_names!(Init, "init");
 
 #[derive(Debug, Clone)]
 pub struct MergeRunOptions {
@@ -156,12 +110,19 @@ pub struct MergeRunOptions {
 
 impl MergeRunOptions {
     pub fn new(base: PathBuf, adapters_dir: PathBuf, samples_dir: PathBuf, budget: Option<usize>, out: PathBuf) -> Self {
+        MergeRunOptions { base, adapters_dir, samples_dir, budget, out, ..MergeRunOptions::default() }
+    }
+}
+
+/// The defaults, in one place: the command line's `merge` flags take theirs from here.
+impl Default for MergeRunOptions {
+    fn default() -> Self {
         MergeRunOptions {
-            base,
-            adapters_dir,
-            samples_dir,
-            budget,
-            out,
+            base: PathBuf::new(),
+            adapters_dir: PathBuf::new(),
+            samples_dir: PathBuf::new(),
+            budget: None,
+            out: PathBuf::new(),
             budget_bytes: None,
             rank: None,
             method: Method::Svd,
@@ -499,7 +460,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         let mut samples_hash = manifest::hash_file(&samples_path)?;
         // Cached scores are keyed by this: the same examples scored with their end are others.
         if opts.score_end != CompletionEnd::None {
-            samples_hash = format!("{samples_hash}+end-{}", opts.score_end.name());
+            samples_hash = format!("{samples_hash}+end-{}", opts.score_end);
         }
         tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
     }
@@ -883,7 +844,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             bytes: chosen[c].candidate.bytes,
             rank: chosen[c].candidate.rank,
             target_ranks: chosen[c].candidate.target_ranks.clone(),
-            dtype: chosen[c].candidate.dtype.name().to_string(),
+            dtype: chosen[c].candidate.dtype.to_string(),
             tasks: members.iter().map(|&i| tasks[i].name.clone()).collect(),
             merge: chosen[c].choice.clone(),
         });
@@ -908,12 +869,12 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             "restarts": opts.restarts,
             "starts": starts,
             "seed": opts.seed,
-            "dtype": opts.dtype.name(),
-            "storage_types": opts.storage_types.iter().map(|d| d.name()).collect::<Vec<_>>(),
+            "dtype": opts.dtype.to_string(),
+            "storage_types": opts.storage_types.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             "density": opts.density,
             "tune_methods": opts.tune_methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
             "tune_scales": opts.tune_scales,
-            "score_end": opts.score_end.name(),
+            "score_end": opts.score_end.to_string(),
             "cpu_kernels": cpu_kernels,
             "objective": opts.objective.to_string(),
             "objective_definition": opts.objective.description(),

@@ -39,8 +39,8 @@ enum Command {
     },
     /// Re-encode an adapter in another storage type.
     Cast {
-        /// Storage type to write: f32, f16, bf16, q8_0, q5_0 or q4_0 (rows that do not fit 32-value blocks get f16).
-        #[arg(long)]
+        /// Storage type to write (rows that do not fit 32-value blocks get f16).
+        #[arg(long, ignore_case = true)]
         dtype: DType,
         /// Adapter file to re-encode.
         input: PathBuf,
@@ -63,9 +63,9 @@ enum Command {
         /// Output .gguf file (--peft) or directory (--peft-dir).
         #[arg(short, long)]
         output: PathBuf,
-        /// Storage type: f32, f16, bf16, q8_0, q5_0 or q4_0 (tensors whose rows do not fit 32-value blocks get
-        /// f16). Default: the type the PEFT tensors are stored in (f16, bf16; f32 for f32/f64).
-        #[arg(long)]
+        /// Storage type (tensors whose rows do not fit 32-value blocks get f16). Default: the type
+        /// the PEFT tensors are stored in (f16, bf16; f32 for f32/f64).
+        #[arg(long, ignore_case = true)]
         dtype: Option<DType>,
     },
     /// Cluster N task adapters into K by their examples (D2C) and write the merged adapters
@@ -164,8 +164,8 @@ enum Command {
     /// Merge LoRA adapters into one: svd (best rank-r approximation of the weighted sum of the
     /// deltas), cat (exact, rank = sum of ranks), ties, dare, or linear (PEFT's baseline).
     MergeAdapters {
-        /// Merge operator: svd, cat, ties, dare or linear.
-        #[arg(long, default_value = "svd")]
+        /// Merge operator.
+        #[arg(long, ignore_case = true, default_value_t = MERGE_DEFAULTS.method)]
         method: d2c_gguf::merge::Method,
         /// Output rank for svd/ties/dare (default: the largest input rank).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -173,15 +173,14 @@ enum Command {
         /// One weight per input, comma-separated (default 1/N each: the average of the deltas).
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
         weights: Option<Vec<f32>>,
-        /// Storage type of the output: f32, f16, bf16, q8_0, q5_0 or q4_0. Default: the inputs' own type
-        /// (f32 when they differ).
-        #[arg(long)]
+        /// Storage type of the output. Default: the inputs' own type (f32 when they differ).
+        #[arg(long, ignore_case = true)]
         dtype: Option<DType>,
         /// Fraction of entries kept per input by ties and dare.
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = MERGE_DEFAULTS.density)]
         density: f32,
         /// Seed of dare's drop masks and of the randomised SVD.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = MERGE_DEFAULTS.seed)]
         seed: u64,
         /// Adapter files (GGUF) to merge.
         #[arg(required = true)]
@@ -310,7 +309,16 @@ fn inspect(files: &[PathBuf], json: bool) -> Result<ExitCode> {
         }
         println!("  {:<40} {:>5} {:>6} {:>6} {:>5} {:>5} {:>10}", "target", "rank", "in", "out", "A", "B", "bytes");
         for t in &s.targets {
-            println!("  {:<40} {:>5} {:>6} {:>6} {:>5} {:>5} {:>10}", t.name, t.rank, t.n_in, t.n_out, t.dtype_a.name(), t.dtype_b.name(), t.bytes);
+            println!(
+                "  {:<40} {:>5} {:>6} {:>6} {:>5} {:>5} {:>10}",
+                t.name,
+                t.rank,
+                t.n_in,
+                t.n_out,
+                t.dtype_a.to_string(),
+                t.dtype_b.to_string(),
+                t.bytes
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -366,39 +374,34 @@ struct MergeArgs {
     #[arg(long)]
     rank: Option<usize>,
     /// Merge operator used while clustering.
-    #[arg(long, default_value = "svd")]
+    #[arg(long, ignore_case = true, default_value_t = DEFAULTS.method)]
     method: d2c_gguf::merge::Method,
-    /// How tasks get their adapters: d2c (weight-space clusters refined on the examples),
-    /// kmeans, random, single (one adapter), or no merging at all: truncate (every own adapter
-    /// at the largest uniform rank that fits --budget-bytes, or --rank) and truncate-energy
-    /// (per-target ranks by singular-value energy under --budget-bytes), and allocate (sizes
-    /// chosen on the examples under --budget-bytes, merging only where nothing else fits).
-    /// Default: allocate when --budget-bytes is given, else d2c.
+    /// How tasks get their adapters. Default: allocate when --budget-bytes is given, else d2c.
     #[arg(long)]
     strategy: Option<d2c_gguf::d2c::Strategy>,
-    /// Starting clusters for d2c: weight-space k-medoids or a seeded random partition.
-    #[arg(long, default_value = "kmeans")]
+    /// Starting clusters for d2c.
+    #[arg(long, default_value_t = DEFAULTS.init)]
     init: d2c_gguf::d2c::Init,
     /// Maximum reassignment rounds (d2c).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = DEFAULTS.rounds)]
     rounds: usize,
     /// Starts d2c scores (each on its own clusters' tasks only) before refining the best: the
     /// --init one, then k-medoids or seeded random partitions; 1 keeps the --init start alone.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULTS.restarts as u64, value_parser = clap::value_parser!(u64).range(1..))]
     restarts: u64,
     /// Seed of random starts and partitions, dare's masks and the randomised SVD.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = DEFAULTS.seed)]
     seed: u64,
     /// CPU threads for llama.cpp (default: every core).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Storage type of the output adapters.
-    #[arg(long, default_value = "f16")]
+    #[arg(long, ignore_case = true, default_value_t = DEFAULTS.dtype)]
     dtype: DType,
     /// Lower-bit storage types the allocator may also ship each adapter in (comma-separated;
     /// `lora_a` in the type, `lora_b` rows shorter than 32 in f16), next to --dtype; "none"
     /// for --dtype only.
-    #[arg(long, value_delimiter = ',', default_value = "q8_0,q4_0", value_parser = parse_storage_type)]
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_STORAGE_TYPES.as_str(), value_parser = parse_storage_type)]
     storage_types: Vec<Option<DType>>,
     /// Persist scores here so an interrupted or repeated run does not rescore.
     #[arg(long)]
@@ -407,31 +410,36 @@ struct MergeArgs {
     #[arg(long)]
     force: bool,
     /// Operators tried per cluster once clusters are fixed (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "svd,ties,dare")]
+    #[arg(long, value_delimiter = ',', ignore_case = true, default_values_t = DEFAULTS.tune_methods.clone())]
     tune_methods: Vec<d2c_gguf::merge::Method>,
     /// Multipliers of the plain-average weights tried per cluster (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1,1.25,1.5")]
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULTS.tune_scales.clone())]
     tune_scales: Vec<f32>,
     /// Skip the per-cluster choice of operator and scale (plain average with --method).
     #[arg(long)]
     no_tune: bool,
     /// Density for ties/dare.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = DEFAULTS.density)]
     density: f32,
     /// Also score what should follow each example's completion: none, newline (where eval and
     /// line-oriented serving stop) or eog (the model's end-of-turn token), so that merged
     /// adapters whose answers run on are charged for it.
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value_t = DEFAULTS.score_end)]
     score_end: d2c_gguf::score::CompletionEnd,
-    /// What is minimised on the examples: exact (share of examples greedy decoding reproduces,
-    /// relative to the task's own adapter, with normalised NLL breaking ties) or nll
-    /// (normalised NLL regret alone).
-    #[arg(long, default_value = "exact")]
+    /// What is minimised on the examples.
+    #[arg(long, default_value_t = DEFAULTS.objective)]
     objective: d2c_gguf::objective::ExampleObjective,
     /// Print the manifest as JSON instead of the report table.
     #[arg(long)]
     json: bool,
 }
+
+/// `merge-adapters`' defaults are the merge operators' own.
+static MERGE_DEFAULTS: std::sync::LazyLock<d2c_gguf::merge::MergeOptions> = std::sync::LazyLock::new(Default::default);
+/// `merge`'s defaults are the library's (one place for both).
+static DEFAULTS: std::sync::LazyLock<d2c_gguf::d2c::MergeRunOptions> = std::sync::LazyLock::new(Default::default);
+static DEFAULT_STORAGE_TYPES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| DEFAULTS.storage_types.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","));
 
 /// A storage type, or "none" (an empty list).
 fn parse_storage_type(s: &str) -> Result<Option<DType>, String> {

@@ -8,9 +8,6 @@
 //! partitions on the quality benchmark (docs/results.md), chiefly by blowing up the noise of
 //! tasks whose own adapter is barely better than the base in NLL.
 
-use std::fmt;
-use std::str::FromStr;
-
 /// Weight of the normalised NLL next to the exact-match loss: one example of ten reproduced
 /// or lost (0.1 for a task whose own adapter reproduces all ten) outweighs a candidate that is
 /// as bad as the base model in NLL, so NLL only orders candidates that reproduce the same.
@@ -25,7 +22,7 @@ pub struct TaskScore {
     pub exact: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExampleObjective {
     /// Exact-match loss relative to the own adapter, NLL to break ties.
     Exact,
@@ -33,25 +30,7 @@ pub enum ExampleObjective {
     Nll,
 }
 
-impl FromStr for ExampleObjective {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "exact" => Ok(ExampleObjective::Exact),
-            "nll" => Ok(ExampleObjective::Nll),
-            _ => Err(format!("unknown objective '{s}' (expected exact or nll)")),
-        }
-    }
-}
-
-impl fmt::Display for ExampleObjective {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ExampleObjective::Exact => "exact",
-            ExampleObjective::Nll => "nll",
-        })
-    }
-}
+d2c_format::value_names!(ExampleObjective, "objective");
 
 impl ExampleObjective {
     /// How the manifest describes it.

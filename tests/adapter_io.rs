@@ -163,7 +163,7 @@ fn gguf_py_reads_what_we_write() {
         for (name, t) in &ours.targets {
             let a = &tensors[&format!("{name}.lora_a")];
             let b = &tensors[&format!("{name}.lora_b")];
-            assert_eq!(a["type"], dtype.name().to_uppercase(), "{name}");
+            assert_eq!(a["type"], dtype.to_string().to_uppercase(), "{name}");
             // gguf-py reports shapes in ggml order (ne[0] first).
             assert_eq!(a["shape"], serde_json::json!([t.n_in, t.rank]), "{name}");
             assert_eq!(b["shape"], serde_json::json!([t.rank, t.n_out]), "{name}");

@@ -399,7 +399,7 @@ fn merged_adapters_validate_and_load_in_llama_cpp() {
         assert!(problems.is_empty(), "{method}: {problems:?}");
         model.load_adapter(&path).unwrap_or_else(|e| panic!("{method}: {e}"));
         let back = LoraAdapter::read(&path).unwrap();
-        assert_eq!(back.metadata.get(merge::KEY_METHOD).and_then(|v| v.as_str()), Some(method.name()));
+        assert_eq!(back.metadata.get(merge::KEY_METHOD).and_then(|v| v.as_str()), Some(method.to_string().as_str()));
         assert_eq!(back.task_name(), None, "a merge of different tasks claims none of them");
     }
 }

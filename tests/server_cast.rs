@@ -18,7 +18,7 @@ fn cast_outputs_load_and_act_in_llama_server() {
     let mut casts = Vec::new();
     for dtype in DType::ALL {
         let out = dir.path().join(format!("cast-{dtype}.gguf"));
-        let (code, _, stderr) = common::run_cli(&["cast", "--dtype", dtype.name(), common::path_str(&src), "-o", common::path_str(&out)]);
+        let (code, _, stderr) = common::run_cli(&["cast", "--dtype", &dtype.to_string(), common::path_str(&src), "-o", common::path_str(&out)]);
         assert_eq!(code, 0, "{stderr}");
         casts.push(out);
     }
@@ -71,7 +71,7 @@ fn real_adapters_in_lower_bit_types_answer_their_tests_as_f16_does() {
         for dtype in types {
             let out = dir.path().join(format!("{task}-{dtype}.gguf"));
             let src = set.join("adapters").join(format!("{task}.gguf"));
-            let (code, _, stderr) = common::run_cli(&["cast", "--dtype", dtype.name(), common::path_str(&src), "-o", common::path_str(&out)]);
+            let (code, _, stderr) = common::run_cli(&["cast", "--dtype", &dtype.to_string(), common::path_str(&src), "-o", common::path_str(&out)]);
             assert_eq!(code, 0, "{stderr}");
             files.push(out);
         }

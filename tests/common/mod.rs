@@ -5,33 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("D2C_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf"),
-    }
-}
-
-fn asset(env: &str, rel: &str) -> PathBuf {
-    let p = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| cache_dir().join(rel));
-    assert!(p.exists(), "test asset {} is missing: run scripts/setup.sh (or set {env})", p.display());
-    p
-}
-
-/// SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, tied embeddings).
-pub fn base_model() -> PathBuf {
-    asset("D2C_BASE_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-/// A real llama-server binary (wrapper script that sets its library path).
-pub fn llama_server() -> PathBuf {
-    asset("D2C_LLAMA_SERVER", "llama-server/llama-server")
-}
-
-/// Python with gguf-py (the independent GGUF reader) and numpy.
-pub fn python() -> PathBuf {
-    asset("D2C_PYTHON", "venv/bin/python")
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use d2c_test_assets::{base_model, cache_dir, llama_server, path_str, python};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_d2c-gguf"))
@@ -44,11 +19,7 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("d2c-test-").tempdir().expect("tempdir")
-}
-
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
+    d2c_test_assets::tempdir("d2c-test-")
 }
 
 /// Greatest |x - y| / max(|y|, floor).

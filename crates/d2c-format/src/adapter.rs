@@ -10,9 +10,7 @@
 //! in = n_embd) so that every merge operator treats all targets alike, and turned back on write.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -36,14 +34,20 @@ pub const TOKEN_EMBD: &str = "token_embd.weight";
 /// within a file; tests/server_cast.rs checks each in llama-server). The block types hold 32
 /// values per block, so only tensors whose rows are whole blocks take them (`lora_a`, rows
 /// `n_in` long); the others (`lora_b` below rank 32) fall back to F16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     F16,
     BF16,
+    /// 8-bit blocks of 32 values with an f16 scale (8.5 bits per value).
+    #[value(name = "q8_0")]
     Q8_0,
+    /// 5-bit blocks (5.5 bits per value).
+    #[value(name = "q5_0")]
     Q5_0,
+    /// 4-bit blocks (4.5 bits per value).
+    #[value(name = "q4_0")]
     Q4_0,
 }
 
@@ -63,17 +67,6 @@ impl DType {
 
     pub fn from_ggml(t: u32) -> Option<Self> {
         DType::ALL.into_iter().find(|d| d.ggml_type() == t)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            DType::Q8_0 => "q8_0",
-            DType::Q5_0 => "q5_0",
-            DType::Q4_0 => "q4_0",
-        }
     }
 
     /// Encoded bytes of a row of `row_len` values (per 32 values: Q8_0 34 bytes, Q5_0 22,
@@ -99,21 +92,7 @@ impl DType {
     }
 }
 
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown dtype '{s}' (expected f32, f16, bf16, q8_0, q5_0 or q4_0)"))
-    }
-}
+crate::value_names!(DType, "dtype");
 
 /// One adapted weight: `delta = scale * B A`.
 #[derive(Debug, Clone, PartialEq)]
@@ -343,7 +322,7 @@ impl LoraAdapter {
         w.set(KEY_ARCHITECTURE, Value::String(self.architecture.clone()));
         w.set(KEY_ADAPTER_TYPE, Value::String("lora".into()));
         w.set(KEY_ALPHA, Value::F32(self.alpha));
-        let fail = |name: &str, reason: String| Error::Usage(format!("cannot write tensor {name} as {dtype}: {reason}"));
+        let fail = |name: &str, reason: String| Error::Internal(format!("cannot write tensor {name} as {dtype}: {reason}"));
         // Tensors are encoded in parallel (quantising is the slow part of writing), in the
         // targets' order so that the file is the same whatever the thread count.
         let encoded: Vec<[TensorOut; 2]> = self
@@ -396,7 +375,7 @@ impl LoraAdapter {
     pub fn encoded_bytes(&self, dtype: DType) -> Result<u64> {
         let w = self.to_gguf(dtype)?;
         let mut counter = ByteCounter(0);
-        w.write_to(&mut counter).map_err(|e| Error::Usage(e.to_string()))
+        w.write_to(&mut counter).map_err(|e| Error::Internal(e.to_string()))
     }
 }
 

@@ -753,29 +753,25 @@ impl std::fmt::Display for ConvertSummary {
 
 /// A converted file written under a temporary name, checked, waiting to be renamed.
 struct Staged {
-    tmp: tempfile::NamedTempFile,
-    output: PathBuf,
+    file: fsutil::StagedFile,
     summary: ConvertSummary,
 }
 
 /// Converts, writes to a temporary file next to `output`, and checks it as llama.cpp would.
 fn stage(peft_dir: &Path, base: &BaseModel, output: &Path, dtype: Option<DType>) -> Result<Staged> {
     let inputs = [peft_dir.join(ADAPTER_WEIGHTS), peft_dir.join(ADAPTER_CONFIG), base.path.clone()];
-    fsutil::check_not_input(output, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
+    let mut file = fsutil::StagedFile::create(output, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     let converted = convert_in_memory(peft_dir, base)?;
     let dtype = dtype.unwrap_or_else(|| LoraAdapter::stored_dtype(&[&converted.adapter]));
     let writer = encode(&converted.adapter, dtype)?;
-    let dir = fsutil::parent_dir(output);
-    let mut tmp = tempfile::Builder::new().prefix(".d2c-").suffix(".tmp").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
     let bytes = {
-        let mut w = BufWriter::new(tmp.as_file_mut());
+        let mut w = BufWriter::new(file.file_mut());
         let n = writer.write_to(&mut w).map_err(|e| Error::io(output, e))?;
         w.flush().map_err(|e| Error::io(output, e))?;
         n
     };
     drop(writer);
-    tmp.as_file().sync_all().map_err(|e| Error::io(output, e))?;
-    let problems = validate::validate_adapter(base, tmp.path());
+    let problems = validate::validate_adapter(base, file.staged_path());
     if !problems.is_empty() {
         let list: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
         return Err(Error::invalid(output, "converted adapter", format!("fails validation against the base: {}", list.join("; "))));
@@ -789,19 +785,11 @@ fn stage(peft_dir: &Path, base: &BaseModel, output: &Path, dtype: Option<DType>)
         scale_mode: converted.scale_mode,
         bytes,
     };
-    Ok(Staged { tmp, output: output.to_path_buf(), summary })
+    Ok(Staged { file, summary })
 }
 
 fn commit(staged: Staged) -> Result<ConvertSummary> {
-    // Temporary files are created owner-only; an adapter is meant to be read by a server that
-    // may run as another user.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let path = staged.tmp.path();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(path, e))?;
-    }
-    staged.tmp.persist(&staged.output).map_err(|e| Error::io(&staged.output, e.error))?;
+    staged.file.commit()?;
     Ok(staged.summary)
 }
 

@@ -34,21 +34,58 @@ pub fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// A file being written to a temporary name beside its destination: nothing appears at the
+/// destination until [`StagedFile::commit`], and dropping it uncommitted removes it. Writers
+/// that must check several outputs before publishing any (`convert --peft-dir`) stage them all
+/// first.
+pub struct StagedFile {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+}
+
+impl StagedFile {
+    /// Refuses a destination that is one of `inputs`.
+    pub fn create(dest: &Path, inputs: &[&Path]) -> Result<Self> {
+        check_not_input(dest, inputs)?;
+        let dir = parent_dir(dest);
+        let tmp = tempfile::Builder::new().prefix(".d2c-").suffix(".tmp").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(StagedFile { tmp, dest: dest.to_path_buf() })
+    }
+
+    pub fn file_mut(&mut self) -> &mut File {
+        self.tmp.as_file_mut()
+    }
+
+    /// Where the bytes are until the commit (for checks that read the file back).
+    pub fn staged_path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Syncs the file and renames it into place.
+    pub fn commit(self) -> Result<()> {
+        let dest = &self.dest;
+        // Temporary files are created owner-only; what we publish must be readable by a
+        // llama-server running as another user, like any file the user's umask allows.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            self.tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(dest, e))?;
+        }
+        self.tmp.as_file().sync_all().map_err(|e| Error::io(dest, e))?;
+        self.tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+        Ok(())
+    }
+}
+
 /// Writes `path` through a temporary file in the same directory, synced, then renamed into place.
 pub fn write_atomic<T>(path: &Path, inputs: &[&Path], write: impl FnOnce(&mut File) -> io::Result<T>) -> Result<T> {
-    check_not_input(path, inputs)?;
-    let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new().prefix(".d2c-").suffix(".tmp").tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
-    let value = write(tmp.as_file_mut()).map_err(|e| Error::io(path, e))?;
-    // Temporary files are created owner-only; what we publish must be readable by a
-    // llama-server running as another user, like any file the user's umask allows.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(path, e))?;
-    }
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    let mut staged = StagedFile::create(path, inputs)?;
+    let value = write(staged.file_mut()).map_err(|e| Error::io(path, e))?;
+    staged.commit()?;
     Ok(value)
 }
 

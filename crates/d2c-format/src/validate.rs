@@ -35,7 +35,7 @@ pub fn validate_adapter(base: &BaseModel, path: &Path) -> Vec<Problem> {
         Err(e) => {
             let (field, message) = match &e {
                 crate::Error::Format { field, reason, .. } | crate::Error::Invalid { field, reason, .. } => (field.clone(), reason.clone()),
-                crate::Error::Io { source, .. } => ("file".to_string(), source.to_string()),
+                crate::Error::Io { error, .. } => ("file".to_string(), error.to_string()),
                 other => ("file".to_string(), other.to_string()),
             };
             report(&field, message);

@@ -130,7 +130,7 @@ pub fn thin_svd<T: RealField>(a: MatRef<'_, T>, par: Par) -> Result<Svd<T>> {
     if k > 0 {
         let req = svd::svd_scratch::<T>(m, n, ComputeSvdVectors::Thin, ComputeSvdVectors::Thin, par, Default::default());
         svd::svd(a, s.as_mut(), Some(u.as_mut()), Some(v.as_mut()), par, MemStack::new(&mut MemBuffer::new(req)), Default::default())
-            .map_err(|e| Error::Usage(format!("SVD of a {m} x {n} matrix did not converge ({e:?})")))?;
+            .map_err(|e| Error::Numerical(format!("SVD of a {m} x {n} matrix did not converge ({e:?})")))?;
     }
     let s = s.column_vector().iter().cloned().collect();
     Ok(Svd { u, s, v })
@@ -171,7 +171,7 @@ pub fn cholesky_psd(mut g: Mat<f64>, jitter: f64, par: Par) -> Result<Mat<f64>> 
     let reg = llt::LltRegularization { dynamic_regularization_delta: jitter, dynamic_regularization_epsilon: jitter };
     let req = llt::cholesky_in_place_scratch::<f64>(n, par, Default::default());
     llt::cholesky_in_place(g.as_mut(), reg, par, MemStack::new(&mut MemBuffer::new(req)), Default::default())
-        .map_err(|e| Error::Usage(format!("Cholesky factorisation of a {n} x {n} Gram matrix failed ({e:?})")))?;
+        .map_err(|e| Error::Numerical(format!("Cholesky factorisation of a {n} x {n} Gram matrix failed ({e:?})")))?;
     for j in 0..n {
         for i in 0..j {
             g[(i, j)] = 0.0;
@@ -228,7 +228,7 @@ pub fn symmetric_eigen(h: MatRef<'_, f64>, par: Par) -> Result<(Vec<f64>, Mat<f6
     if n > 0 {
         let req = evd::self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, par, Default::default());
         evd::self_adjoint_evd(h, s.as_mut(), Some(u.as_mut()), par, MemStack::new(&mut MemBuffer::new(req)), Default::default())
-            .map_err(|e| Error::Usage(format!("eigendecomposition of a {n} x {n} matrix did not converge ({e:?})")))?;
+            .map_err(|e| Error::Numerical(format!("eigendecomposition of a {n} x {n} matrix did not converge ({e:?})")))?;
     }
     // faer sorts ascending.
     let vals: Vec<f64> = s.column_vector().iter().rev().copied().collect();

@@ -26,8 +26,6 @@
 //! scale 1 (alpha = r when all targets have the same rank r, else alpha = 0).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
 
 use faer::{Mat, Par};
 use rand::{Rng, SeedableRng};
@@ -50,7 +48,7 @@ pub const KEY_REL_ERROR: &str = "d2c.merge.relative_error";
 const KEY_PREFIX: &str = "d2c.merge.";
 
 /// Merge operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Method {
     Cat,
     #[default]
@@ -63,16 +61,6 @@ pub enum Method {
 impl Method {
     pub const ALL: [Method; 5] = [Method::Cat, Method::Svd, Method::Ties, Method::Dare, Method::Linear];
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Cat => "cat",
-            Method::Svd => "svd",
-            Method::Ties => "ties",
-            Method::Dare => "dare",
-            Method::Linear => "linear",
-        }
-    }
-
     /// Whether `MergeOptions::rank` sets the output rank (cat and linear fix it themselves).
     pub fn uses_rank(self) -> bool {
         matches!(self, Method::Svd | Method::Ties | Method::Dare)
@@ -84,21 +72,7 @@ impl Method {
     }
 }
 
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown merge method '{s}' (expected cat, svd, ties, dare or linear)"))
-    }
-}
+d2c_format::value_names!(Method, "merge method");
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeOptions {
@@ -298,7 +272,7 @@ pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result
     let report = MergeReport { method: opts.method, targets: reports };
 
     let md = &mut out.metadata;
-    md.insert(KEY_METHOD.into(), Value::String(opts.method.name().into()));
+    md.insert(KEY_METHOD.into(), Value::String(opts.method.to_string()));
     md.insert(KEY_N_INPUTS.into(), Value::U32(n as u32));
     md.insert(KEY_WEIGHTS.into(), Value::Array(ValueType::F32, weights.iter().map(|w| Value::F32(*w)).collect()));
     if inputs.iter().any(|a| a.task_name().is_some()) {

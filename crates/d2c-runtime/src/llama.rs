@@ -224,7 +224,7 @@ impl Model {
     fn adapter(&self, id: AdapterId) -> Result<&LoadedAdapter> {
         match self.adapters.get(id.index) {
             Some(a) if id.model == self.serial => Ok(a),
-            _ => Err(Error::Usage(format!("adapter #{} was not loaded into {}", id.index, self.path.display()))),
+            _ => Err(Error::Internal(format!("adapter #{} was not loaded into {}", id.index, self.path.display()))),
         }
     }
 
@@ -244,7 +244,7 @@ impl Model {
     pub fn session_with(&self, cfg: SessionConfig) -> Result<Session<'_>> {
         let SessionConfig { n_ctx, n_batch, n_seq, threads, flash_attention } = cfg;
         if n_seq == 0 || n_seq > MAX_SEQUENCES {
-            return Err(Error::Usage(format!("{n_seq} sequences per context (llama.cpp allows 1 to {MAX_SEQUENCES})")));
+            return Err(Error::Internal(format!("{n_seq} sequences per context (llama.cpp allows 1 to {MAX_SEQUENCES})")));
         }
         let n_batch = n_batch.max(1);
         let threads = threads.unwrap_or_else(default_threads);

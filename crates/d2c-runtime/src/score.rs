@@ -46,7 +46,7 @@ use d2c_format::samples::{self, Sample, SampleFile};
 /// What is scored after each completion. Generation must stop after the answer as well as
 /// produce it: an adapter that runs on (`18700` -> `187000`) gives every completion token its
 /// right probability, and only scoring the stop that should follow charges it for that.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CompletionEnd {
     /// The completion's own tokens only.
     #[default]
@@ -59,28 +59,7 @@ pub enum CompletionEnd {
     Eog,
 }
 
-impl CompletionEnd {
-    /// The name used on the command line and in manifests.
-    pub fn name(self) -> &'static str {
-        match self {
-            CompletionEnd::None => "none",
-            CompletionEnd::Newline => "newline",
-            CompletionEnd::Eog => "eog",
-        }
-    }
-}
-
-impl std::str::FromStr for CompletionEnd {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "none" => Ok(CompletionEnd::None),
-            "newline" => Ok(CompletionEnd::Newline),
-            "eog" => Ok(CompletionEnd::Eog),
-            _ => Err(format!("unknown completion end '{s}' (expected none, newline or eog)")),
-        }
-    }
-}
+d2c_format::value_names!(CompletionEnd, "completion end");
 
 /// How to run the scorer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,14 +265,14 @@ impl Scorer {
         for (j, job) in jobs.iter().enumerate() {
             if let Some(a) = job.adapter {
                 if a >= self.adapters.len() {
-                    return Err(Error::Usage(format!("job #{j}: no adapter #{a} ({} loaded)", self.adapters.len())));
+                    return Err(Error::Internal(format!("job #{j}: no adapter #{a} ({} loaded)", self.adapters.len())));
                 }
             }
             if !job.scale.is_finite() {
-                return Err(Error::Usage(format!("job #{j}: adapter scale {} is not finite", job.scale)));
+                return Err(Error::Internal(format!("job #{j}: adapter scale {} is not finite", job.scale)));
             }
             if job.samples.is_empty() {
-                return Err(Error::Usage(format!("job #{j}: no samples to score")));
+                return Err(Error::Internal(format!("job #{j}: no samples to score")));
             }
             let key = (job.samples.as_ptr() as usize, job.samples.len());
             let set = match set_of_slice.get(&key) {

@@ -15,26 +15,8 @@ use d2c_format::manifest::{self, AdapterEntry, BaseEntry, Manifest, Objective, S
 use d2c_format::synth;
 use serde_json::{json, Value};
 
-pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("D2C_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/d2c-gguf"),
-    }
-}
-
-fn asset(env: &str, rel: &str) -> PathBuf {
-    let p = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| cache_dir().join(rel));
-    assert!(p.exists(), "test asset {} is missing: run scripts/setup.sh (or set {env})", p.display());
-    p
-}
-
-pub fn base_model() -> PathBuf {
-    asset("D2C_BASE_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-pub fn llama_server() -> PathBuf {
-    asset("D2C_LLAMA_SERVER", "llama-server/llama-server")
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use d2c_test_assets::{base_model, cache_dir, llama_server};
 
 pub fn plugin_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_d2c-serve"))
@@ -55,7 +37,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(tasks: &[(&str, usize)], n_adapters: usize) -> Fixture {
-        let dir = tempfile::Builder::new().prefix("d2c-serve-test-").tempdir().expect("tempdir");
+        let dir = d2c_test_assets::tempdir("d2c-serve-test-");
         let base_path = base_model();
         let base = BaseModel::open(&base_path).expect("open base model");
         let mut adapters = Vec::new();
@@ -300,7 +282,7 @@ pub struct DirectServer {
 impl DirectServer {
     pub fn start(loras: &[&Path]) -> DirectServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::Builder::new().prefix("d2c-serve-direct-").tempdir().unwrap();
+        let dir = d2c_test_assets::tempdir("d2c-serve-direct-");
         let log = dir.path().join("server.log");
         let mut cmd = Command::new(llama_server());
         cmd.arg("-m").arg(base_model()).args(["--host", "127.0.0.1", "--port", &port.to_string()]).args(SERVER_ARGS);
