@@ -279,7 +279,7 @@ fn main() {
     println!("  raw llama_decode, logits for the last token only   {:>8.0}", col(0));
     println!("  raw llama_decode, logits at {:>3.0} % of positions     {:>8.0}", 100.0 * logit_share, col(1));
     println!("  raw llama_decode, same, adapter applied            {:>8.0}", col(2));
-    println!("  raw llama_decode, flash attention, last logits     {:>8.0}  (not used: see src/score.rs)", col(3));
+    println!("  raw llama_decode, flash attention, last logits     {:>8.0}  (not used: see crates/d2c-runtime/src/score.rs)", col(3));
     println!(
         "  scorer, base model                                 {:>8.0}  = {:.1} % of raw same-logits, {:.1} % of raw last-only",
         col(4),
