@@ -3,7 +3,7 @@
 # own adapter cut to 1/F of the bytes (truncate, truncate-energy), the allocator (sizes chosen on
 # the examples, merging only where nothing else fits) and merging at about the same bytes (d2c at
 # K = 2 and 1). A quick look, not the 36-task benchmark
-# (scripts/quality/sweep.py run --strategies truncate,truncate-energy --fractions ... is that).
+# (bench/quality/sweep.py run --strategies truncate,truncate-energy --fractions ... is that).
 #   scripts/bench-bytes-demo.sh [F,F,...]          (default 2,4,8,16,32,64; about 15 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

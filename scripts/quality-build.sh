@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the quality benchmark's inputs (issue 8, part 1), everything cached under $D2C_CACHE/quality:
-#   tasks/{train,samples,test}/<task>.jsonl + tasks.json   36 tasks in 9 families (scripts/quality/tasks.py)
+#   tasks/{train,samples,test}/<task>.jsonl + tasks.json   36 tasks in 9 families (bench/quality/tasks.py)
 #   base-hf/                                                SmolLM2-135M rebuilt from the GGUF, checked against llama-server
 #   peft/<task>/, adapters/<task>.gguf                      one LoRA per task (PEFT), converted by d2c-gguf convert (f16)
 #   accuracy-{base,own}.json                                `d2c-gguf eval` on the test sets: base model, own adapters
@@ -10,7 +10,7 @@
 # Idempotent and resumable: each step skips what already exists (delete a file to redo it).
 # Seeds are fixed, so a rebuild makes the same tasks and the same adapters on the same machine.
 # Python comes from $D2C_QUALITY_VENV (default: $D2C_CACHE/bench-venv, shared with scripts/bench-merge.sh),
-# created with the pins of scripts/quality/requirements.txt when it lacks them.
+# created with the pins of bench/quality/requirements.txt when it lacks them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -18,7 +18,7 @@ ROOT="$PWD"
 CACHE="${D2C_CACHE:-$HOME/.cache/d2c-gguf}"
 export D2C_CACHE="$CACHE"
 VENV="${D2C_QUALITY_VENV:-$CACHE/bench-venv}"
-REQ="$ROOT/scripts/quality/requirements.txt"
+REQ="$ROOT/bench/quality/requirements.txt"
 PY="$VENV/bin/python"
 
 [ -s "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] && [ -x "$CACHE/llama-server/llama-server" ] \
@@ -36,7 +36,7 @@ for line in open(sys.argv[1]):
 PYEOF
 }
 if ! pins_ok; then
-  echo "quality-build: installing scripts/quality/requirements.txt into $VENV (torch is large)" >&2
+  echo "quality-build: installing bench/quality/requirements.txt into $VENV (torch is large)" >&2
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQ"
   pins_ok || { echo "quality-build: $VENV does not match $REQ" >&2; exit 1; }
@@ -46,7 +46,7 @@ fi
 [ -x target/release/d2c-gguf ] || cargo build -q --release --bin d2c-gguf
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-cd "$ROOT/scripts/quality"
+cd "$ROOT/bench/quality"
 [ -s "$CACHE/quality/tasks/tasks.json" ] || "$PY" tasks.py
 nice -n 5 "$PY" base_model.py all
 nice -n 5 "$PY" train.py "$@"

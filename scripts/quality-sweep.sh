@@ -23,7 +23,7 @@ cargo build -q --release --bin d2c-gguf
 # Merge settings shared by every run (they are part of each result's key): 4 reassignment rounds
 # at most, and per cluster the best of svd/ties at 1x or 1.5x the average, chosen on the examples.
 SETTINGS=(--rounds 4 --tune-methods svd,ties --tune-scales 1,1.5)
-cd scripts/quality
+cd bench/quality
 sweep() { "$PY" sweep.py run "$@" "${SETTINGS[@]}"; }
 
 # Byte budgets first (issue 16): the allocator against the truncation baselines at the same bytes.

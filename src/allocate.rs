@@ -88,6 +88,9 @@ fn ladder_ranks(rank: usize) -> Vec<usize> {
     out
 }
 
+/// Sizes below one rank-1 adapter, as fractions of its bytes (targets dropped by energy).
+const BELOW_RANK1_PARTS: [u64; 4] = [2, 4, 8, 16];
+
 /// The smaller versions of `adapter` worth scoring, largest first (the adapter itself not
 /// included): every uniform rank of the ladder, the same bytes spent by energy per target, and
 /// 1/2, 1/4, 1/8 and 1/16 of rank 1's bytes, where only energy ranks (dropping targets) fit:
@@ -106,7 +109,7 @@ fn smaller_versions(adapter: &LoraAdapter, dtype: DType) -> Result<Vec<LoraAdapt
         }
     }
     if let Some(bytes) = rank1_bytes {
-        for part in [2, 4, 8, 16] {
+        for part in BELOW_RANK1_PARTS {
             if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, bytes / part) {
                 out.push(by_energy.remove(0));
             }
@@ -122,12 +125,23 @@ fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: C
     for smaller in smaller_versions(adapter, ev.dtype)? {
         candidates.push(ev.write_candidate(&smaller, &input_paths)?);
     }
-    // Fewer bits instead of (or with) fewer ranks: the uniform halvings in each lower type.
+    // Fewer bits instead of (or with) fewer ranks: the uniform halvings in each lower type,
+    // and below rank 1 the same fractions of its bytes as in `dtype`, targets dropped by energy.
+    // A block-quantised `lora_a` holds more directions per byte, so at the smallest budgets
+    // these are the densest sizes on the ladder.
     let mut rank = adapter.max_rank();
     while rank >= 1 {
         let cut = compress::cut_to_rank(adapter, rank)?;
         for &dtype in inp.storage_types.iter().filter(|&&d| d != ev.dtype) {
             candidates.push(ev.write_candidate_as(&cut, dtype, &input_paths)?);
+            if rank == 1 {
+                let rank1_bytes = cut.encoded_bytes(dtype)?;
+                for part in BELOW_RANK1_PARTS {
+                    if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, rank1_bytes / part) {
+                        candidates.push(ev.write_candidate_as(&by_energy.remove(0), dtype, &input_paths)?);
+                    }
+                }
+            }
         }
         rank /= 2;
     }

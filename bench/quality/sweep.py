@@ -36,6 +36,10 @@ EXAMPLES = SWEEP / "examples.jsonl"
 SOLID_CEILING = 0.5
 # Strategies run at byte budgets (--fractions) rather than at counts K.
 BYTE_STRATEGIES = ("truncate", "truncate-energy", "allocate")
+# Bumped when the allocator's choices change, so that its rows are measured again while the
+# other strategies' results (same settings) stay: 2 = energy sizes below rank 1 in the lower-bit
+# storage types too.
+ALLOCATOR_REVISION = 2
 
 
 def sh(args: list[str]) -> str:
@@ -178,6 +182,8 @@ def run(args: argparse.Namespace) -> None:
         # truncations, the fraction of the input bytes (1/seed).
         tag = "of" if strategy == "d2c-bytes" else "f" if strategy in truncations else "s"
         key = f"{set_name}/{strategy}/k{k}/{tag}{seed}/{settings_id}"
+        if strategy == "allocate" and ALLOCATOR_REVISION > 1:
+            key += f"/a{ALLOCATOR_REVISION}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = merged_dir(key)
@@ -258,8 +264,12 @@ def report(args: argparse.Namespace) -> None:
         if label == "d2c-bytes":
             m = r["k"] // r["seed"]
             label = f"d2c-bytes ({'' if m == 1 else m}K)"
+        if label == "allocate":
+            parts = r["key"].split("/")  # set/strategy/k/f/settings[/aREVISION]
+            revision = int(parts[5][1:]) if len(parts) > 5 else 1
+            label = "allocate" if revision == ALLOCATOR_REVISION else f"allocate (revision {revision})"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate": 10}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
