@@ -19,6 +19,7 @@ use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
 use crate::base::BaseModel;
 use crate::cluster::{self, Assignment};
 use crate::compress;
+use crate::convert::{self, AdapterSource};
 use crate::error::{Error, Result};
 use crate::evaluator::{Candidate, Evaluator, ScoreCache};
 use crate::gguf::Value;
@@ -154,8 +155,9 @@ pub(crate) struct Task {
     pub samples_hash: String,
 }
 
-/// Task names from `DIR/<task>.gguf` and `SAMPLES/<task>.jsonl`; every mismatch is reported.
-fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+/// Task names from `DIR/<task>.gguf` (or PEFT directories `DIR/<task>/`) and
+/// `SAMPLES/<task>.jsonl`; every mismatch is reported.
+fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, AdapterSource, PathBuf)>> {
     let list = |dir: &Path, ext: &str| -> Result<BTreeMap<String, PathBuf>> {
         let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
         let mut out = BTreeMap::new();
@@ -169,10 +171,11 @@ fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, Path
         }
         Ok(out)
     };
-    let adapters = list(adapters_dir, "gguf")?;
+    let adapters = convert::task_adapters(adapters_dir)?;
     let samples = list(samples_dir, "jsonl")?;
     let mut problems = Vec::new();
-    for (task, p) in &adapters {
+    for (task, source) in &adapters {
+        let (AdapterSource::Gguf(p) | AdapterSource::Peft(p)) = source;
         if !samples.contains_key(task) {
             problems.push(format!(
                 "task {task}: adapter {} has no samples file {}",
@@ -190,7 +193,11 @@ fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, Path
         return Err(Error::Usage(problems.join("\n")));
     }
     if adapters.is_empty() {
-        return Err(Error::Usage(format!("no adapters (*.gguf) in {}", adapters_dir.display())));
+        return Err(Error::Usage(format!(
+            "no adapters in {}: expected <task>.gguf files or PEFT directories <task>/ with {}",
+            adapters_dir.display(),
+            convert::ADAPTER_CONFIG
+        )));
     }
     Ok(adapters
         .into_iter()
@@ -437,8 +444,20 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         return Err(Error::Usage("--strategy allocate needs --budget-bytes".into()));
     }
     check_out_dir(opts)?;
-    let found = discover(&opts.adapters_dir, &opts.samples_dir)?;
+    let discovered = discover(&opts.adapters_dir, &opts.samples_dir)?;
     let base_info = BaseModel::open(&opts.base)?;
+    // PEFT directories become GGUF files first, as `convert` writes them, in a scratch
+    // directory that lives as long as the run: everything after reads files, as it would had
+    // the user converted them.
+    let peft_scratch = match discovered.iter().any(|(_, s, _)| matches!(s, AdapterSource::Peft(_))) {
+        true => Some(tempfile::Builder::new().prefix("d2c-peft-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?),
+        false => None,
+    };
+    let mut found = Vec::with_capacity(discovered.len());
+    for (task, source, samples_path) in discovered {
+        let scratch = peft_scratch.as_ref().map_or(Path::new(""), |d| d.path());
+        found.push((task.clone(), convert::adapter_file(&task, &source, &opts.base, scratch)?, samples_path));
+    }
 
     // Everything the user handed in is checked before any expensive work.
     let mut problems = Vec::new();

@@ -135,7 +135,7 @@ enum Command {
         /// Directory of <task>.jsonl test files ({"prompt": ..., "completion": ...} per line).
         #[arg(long)]
         tests: PathBuf,
-        /// Directory of <task>.gguf: every task under its own adapter.
+        /// Directory of <task>.gguf files or PEFT directories <task>/: every task under its own adapter.
         #[arg(long, conflicts_with = "manifest")]
         adapters: Option<PathBuf>,
         /// manifest.json of a merge: every task under its assigned adapter (hashes checked).
@@ -353,7 +353,8 @@ struct MergeArgs {
     /// The base model (GGUF) every adapter was trained on.
     #[arg(long)]
     base: PathBuf,
-    /// Directory of task adapters: <task>.gguf.
+    /// Directory of task adapters: <task>.gguf files, or PEFT directories <task>/ (adapter_config.json +
+    /// adapter_model.safetensors), converted as `convert` does.
     #[arg(long)]
     adapters: PathBuf,
     /// Directory of examples: <task>.jsonl with {"prompt", "completion"} per line.

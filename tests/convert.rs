@@ -491,3 +491,98 @@ fn without_dtype_the_output_keeps_the_inputs_storage_type() {
     assert_eq!(code, 0, "{stderr}");
     assert!(GgufFile::open(&f32_out).unwrap().tensors.iter().all(|t| t.ggml_type == d2c_gguf::ggml_type::F32));
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// `merge --adapters` and `eval --adapters` take PEFT directories as they are: the result is
+/// the one a user gets by running `convert` first, to the byte.
+#[test]
+fn peft_directories_merge_and_evaluate_exactly_as_their_converted_files() {
+    let dir = tempdir();
+    let base = common::base_model();
+    let peft = dir.path().join("peft");
+    let samples = dir.path().join("samples");
+    std::fs::create_dir_all(&samples).unwrap();
+    for (task, words) in [("upper", ["cat", "dog", "sun", "map", "pen"]), ("lower", ["Red", "Big", "Top", "Hat", "Sky"])] {
+        copy_dir(&fixtures().join("smollm2/peft"), &peft.join(task));
+        let lines: Vec<String> = words
+            .iter()
+            .map(|w| serde_json::json!({"prompt": format!("Word: {w}\nAnswer:"), "completion": format!(" {}", w.to_uppercase())}).to_string())
+            .collect();
+        std::fs::write(samples.join(format!("{task}.jsonl")), lines.join("\n") + "\n").unwrap();
+    }
+    let converted = dir.path().join("converted");
+    let (code, _, e) = run_cli(&["convert", "--peft-dir", path_str(&peft), "--base", path_str(&base), "-o", path_str(&converted)]);
+    assert_eq!(code, 0, "{e}");
+
+    let merge = |adapters: &Path, out: &Path| {
+        let args = ["merge", "--base", path_str(&base), "--adapters", path_str(adapters), "--samples", path_str(&samples)];
+        let (code, o, e) =
+            run_cli(&[&args[..], &["--budget", "1", "--strategy", "single", "--no-tune", "--threads", "2", "--out", path_str(out)]].concat());
+        assert_eq!(code, 0, "{o}{e}");
+        d2c_gguf::manifest::Manifest::read(&out.join("manifest.json")).unwrap()
+    };
+    let (from_peft, from_files) = (dir.path().join("from-peft"), dir.path().join("from-files"));
+    let (mut a, mut b) = (merge(&peft, &from_peft), merge(&converted, &from_files));
+    for (x, y) in a.adapters.iter().zip(&b.adapters) {
+        assert_eq!(std::fs::read(from_peft.join(&x.file)).unwrap(), std::fs::read(from_files.join(&y.file)).unwrap(), "{}", x.file);
+    }
+    a.timings.clear();
+    b.timings.clear();
+    assert_eq!(a, b);
+    assert_eq!(std::fs::read_dir(peft.join("upper")).unwrap().count(), 2, "the PEFT inputs are left as they were");
+
+    let eval = |adapters: &Path| {
+        let (code, o, e) = run_cli(&[
+            "eval",
+            "--base",
+            path_str(&base),
+            "--tests",
+            path_str(&samples),
+            "--adapters",
+            path_str(adapters),
+            "--max-tokens",
+            "4",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{e}");
+        let mut v: serde_json::Value = serde_json::from_str(&o).unwrap();
+        v.as_object_mut().unwrap().remove("seconds");
+        v
+    };
+    let (mut ev_peft, mut ev_files) = (eval(&peft), eval(&converted));
+    for (task, report) in ev_peft["tasks"].as_object_mut().unwrap() {
+        // The report names what the user gave: the PEFT directory, or the file.
+        assert_eq!(report["adapter"].as_str().unwrap(), path_str(&peft.join(task)));
+        assert_eq!(ev_files["tasks"][task]["adapter"].as_str().unwrap(), path_str(&converted.join(format!("{task}.gguf"))));
+        report.as_object_mut().unwrap().remove("adapter");
+        ev_files["tasks"][task].as_object_mut().unwrap().remove("adapter");
+    }
+    assert_eq!(ev_peft["tasks"].as_object().unwrap().len(), 2);
+    assert_eq!(ev_peft, ev_files);
+
+    // A directory holding neither kind says what it expected.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("not-an-adapter")).unwrap();
+    let (code, _, e) = run_cli(&[
+        "merge",
+        "--base",
+        path_str(&base),
+        "--adapters",
+        path_str(&empty),
+        "--samples",
+        path_str(&empty),
+        "--budget",
+        "1",
+        "--out",
+        path_str(&dir.path().join("x")),
+    ]);
+    assert_eq!(code, 1);
+    assert!(e.contains("PEFT directories") && e.contains("adapter_config.json"), "{e}");
+}

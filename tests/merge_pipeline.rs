@@ -446,11 +446,23 @@ fn the_allocator_keeps_tasks_apart_while_they_fit_and_merges_only_below_that() {
     assert_eq!(m.tasks.len(), n, "every task is served");
     assert_valid_adapters(&capped, &m);
 
-    // Below the smallest own adapters (1/16 of rank 1's bytes each, about 1/128 of the
-    // inputs), only merging fits.
+    // The same bytes with the lower-bit types (the default): a q4_0 `lora_a` holds more
+    // directions per byte, so every task still keeps its own adapter, (some) in q4_0.
+    let low_bit = dir.path().join("low-bit");
+    let (code, o, e) = merge(&["--budget-bytes", &(input_bytes / 160).to_string(), "--cache", cache], &low_bit);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&low_bit);
+    assert_eq!(m.adapters.len(), n, "{:?}", m.adapters);
+    assert!(m.adapters.iter().all(|a| a.tasks.len() == 1) && m.adapters.iter().any(|a| a.dtype == "q4_0"), "{:?}", m.adapters);
+    assert!(m.storage.bytes <= input_bytes / 160);
+    assert_valid_adapters(&low_bit, &m);
+
+    // Below the smallest own adapters, only merging fits. In f16 alone (`--storage-types none`)
+    // those are 1/16 of rank 1's bytes each, about 1/128 of the inputs; the q4_0 sizes go
+    // lower still, so this part keeps to f16 where the threshold is known.
     let tiny = dir.path().join("tiny");
     let tiny_budget = input_bytes / 160;
-    let (code, o, e) = merge(&["--budget-bytes", &tiny_budget.to_string(), "--cache", cache], &tiny);
+    let (code, o, e) = merge(&["--budget-bytes", &tiny_budget.to_string(), "--storage-types", "none", "--cache", cache], &tiny);
     assert_eq!(code, 0, "{o}{e}");
     let m = check_manifest(&tiny);
     assert!(m.adapters.len() < n, "{:?}", m.adapters);

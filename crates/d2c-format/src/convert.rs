@@ -855,6 +855,58 @@ pub fn convert_peft_dir(root: &Path, base_path: &Path, out_dir: &Path, dtype: Op
     staged.into_iter().map(commit).collect()
 }
 
+/// Where a task's adapter comes from in an adapters directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterSource {
+    /// `DIR/<task>.gguf`.
+    Gguf(PathBuf),
+    /// `DIR/<task>/` holding `adapter_config.json` (and `adapter_model.safetensors`).
+    Peft(PathBuf),
+}
+
+/// The task adapters of `dir` by task name: `<task>.gguf` files and PEFT adapter directories
+/// `<task>/`. A task given both ways is refused (which one was meant cannot be guessed).
+pub fn task_adapters(dir: &Path) -> Result<BTreeMap<String, AdapterSource>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        if name.starts_with('.') {
+            continue;
+        }
+        let (task, source) = if path.is_file() && path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            (stem.to_string(), AdapterSource::Gguf(path.clone()))
+        } else if path.is_dir() && path.join(ADAPTER_CONFIG).is_file() {
+            (name.to_string(), AdapterSource::Peft(path.clone()))
+        } else {
+            continue;
+        };
+        if let Some(other) = out.insert(task.clone(), source) {
+            let other = match other {
+                AdapterSource::Gguf(p) | AdapterSource::Peft(p) => p,
+            };
+            return Err(Error::invalid(dir, format!("task {task}"), format!("given twice, as {} and {}: keep one", other.display(), path.display())));
+        }
+    }
+    Ok(out)
+}
+
+/// A GGUF adapter file for `source`: the file itself, or the PEFT directory converted into
+/// `scratch/<task>.gguf` exactly as `convert --peft` writes it (validated against the base, in
+/// the type its tensors are stored in), so that a run on PEFT directories equals one on their
+/// converted files.
+pub fn adapter_file(task: &str, source: &AdapterSource, base_path: &Path, scratch: &Path) -> Result<PathBuf> {
+    match source {
+        AdapterSource::Gguf(path) => Ok(path.clone()),
+        AdapterSource::Peft(dir) => {
+            let output = scratch.join(format!("{task}.gguf"));
+            convert_peft(dir, base_path, &output, None)?;
+            Ok(output)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

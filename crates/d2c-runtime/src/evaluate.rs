@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::llama::{AdapterId, Batch, Model, Session, SessionConfig, Token};
+use d2c_format::convert;
 use d2c_format::error::{Error, Result};
 use d2c_format::manifest::{self, Manifest};
 use d2c_format::samples::{self, Sample};
@@ -113,7 +114,10 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
         return Err(Error::Usage("--max-tokens, --parallel and --batch must be at least 1".into()));
     }
     let tests = read_tests(tests_dir)?;
-    let assignment = adapter_files(base, &tests, choice)?;
+    // Converted PEFT adapters live here until the evaluation ends.
+    let scratch = tempfile::Builder::new().prefix("d2c-eval-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+    let mut shown = BTreeMap::new();
+    let assignment = adapter_files(base, &tests, choice, scratch.path(), &mut shown)?;
 
     let started = std::time::Instant::now();
     let mut model = Model::load(base)?;
@@ -188,10 +192,8 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
             }
         }
         let total = samples.len();
-        report_tasks.insert(
-            task.clone(),
-            TaskAccuracy { adapter: assignment[task].clone(), correct, total, accuracy: correct as f64 / total as f64, predictions },
-        );
+        let adapter = assignment[task].as_ref().map(|f| shown.get(f).unwrap_or(f).clone());
+        report_tasks.insert(task.clone(), TaskAccuracy { adapter, correct, total, accuracy: correct as f64 / total as f64, predictions });
     }
     let mean_accuracy = report_tasks.values().map(|a| a.accuracy).sum::<f64>() / report_tasks.len() as f64;
     Ok(EvalReport {
@@ -227,7 +229,15 @@ fn read_tests(dir: &Path) -> Result<BTreeMap<String, Vec<Sample>>> {
 }
 
 /// The adapter file of every task (`None`: the base), checked to exist before any work.
-fn adapter_files(base: &Path, tests: &BTreeMap<String, Vec<Sample>>, choice: &AdapterChoice) -> Result<BTreeMap<String, Option<PathBuf>>> {
+/// PEFT directories are converted into `scratch` first; `shown` maps such a converted file to
+/// the directory the user named, which is what the report shows.
+fn adapter_files(
+    base: &Path,
+    tests: &BTreeMap<String, Vec<Sample>>,
+    choice: &AdapterChoice,
+    scratch: &Path,
+    shown: &mut BTreeMap<PathBuf, PathBuf>,
+) -> Result<BTreeMap<String, Option<PathBuf>>> {
     let mut out = BTreeMap::new();
     match choice {
         AdapterChoice::Base => {
@@ -236,10 +246,18 @@ fn adapter_files(base: &Path, tests: &BTreeMap<String, Vec<Sample>>, choice: &Ad
             }
         }
         AdapterChoice::PerTask(dir) => {
+            let sources = convert::task_adapters(dir)?;
             for task in tests.keys() {
-                let file = dir.join(format!("{task}.gguf"));
-                if !file.is_file() {
-                    return Err(Error::invalid(&file, format!("task {task}"), "no adapter for this task's tests"));
+                let source = sources.get(task).ok_or_else(|| {
+                    Error::invalid(
+                        &dir.join(format!("{task}.gguf")),
+                        format!("task {task}"),
+                        format!("no adapter for this task's tests (neither {task}.gguf nor a PEFT directory {task}/)"),
+                    )
+                })?;
+                let file = convert::adapter_file(task, source, base, scratch)?;
+                if let convert::AdapterSource::Peft(dir) = source {
+                    shown.insert(file.clone(), dir.clone());
                 }
                 out.insert(task.clone(), Some(file));
             }
