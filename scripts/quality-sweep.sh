@@ -27,7 +27,7 @@ cd bench/quality
 sweep() { "$PY" sweep.py run "$@" "${SETTINGS[@]}"; }
 
 # Byte budgets first (issue 16): the allocator against the truncation baselines at the same bytes.
-sweep --strategies allocate,truncate-energy --fractions 2,4,8,16,32
+sweep --strategies allocate,truncate-energy --fractions 2,4,8,16,32,64
 sweep --strategies truncate --fractions 2,4      # rank 1 is 0.133 of the bytes: nothing fits 1/8
 sweep --ks n/4 --strategies d2c,kmeans,random --random-seeds 3   # K = N/4 = 9: the target budget
 sweep --ks 1 --strategies single                                 # one adapter for everything
