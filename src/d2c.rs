@@ -175,7 +175,7 @@ fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, Adap
     let samples = list(samples_dir, "jsonl")?;
     let mut problems = Vec::new();
     for (task, source) in &adapters {
-        let (AdapterSource::Gguf(p) | AdapterSource::Peft(p)) = source;
+        let p = source.path();
         if !samples.contains_key(task) {
             problems.push(format!(
                 "task {task}: adapter {} has no samples file {}",
@@ -446,17 +446,13 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     check_out_dir(opts)?;
     let discovered = discover(&opts.adapters_dir, &opts.samples_dir)?;
     let base_info = BaseModel::open(&opts.base)?;
-    // PEFT directories become GGUF files first, as `convert` writes them, in a scratch
-    // directory that lives as long as the run: everything after reads files, as it would had
-    // the user converted them.
-    let peft_scratch = match discovered.iter().any(|(_, s, _)| matches!(s, AdapterSource::Peft(_))) {
-        true => Some(tempfile::Builder::new().prefix("d2c-peft-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?),
-        false => None,
-    };
+    // PEFT directories become GGUF files first, as `convert` writes them, kept for the run:
+    // everything after reads files, as it would had the user converted them.
+    let mut peft_scratch = convert::PeftScratch::default();
     let mut found = Vec::with_capacity(discovered.len());
     for (task, source, samples_path) in discovered {
-        let scratch = peft_scratch.as_ref().map_or(Path::new(""), |d| d.path());
-        found.push((task.clone(), convert::adapter_file(&task, &source, &opts.base, scratch)?, samples_path));
+        let file = peft_scratch.file(&task, &source, &opts.base)?;
+        found.push((task, file, samples_path));
     }
 
     // Everything the user handed in is checked before any expensive work.

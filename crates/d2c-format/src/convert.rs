@@ -864,6 +864,14 @@ pub enum AdapterSource {
     Peft(PathBuf),
 }
 
+impl AdapterSource {
+    /// The file or directory the user gave.
+    pub fn path(&self) -> &Path {
+        let (AdapterSource::Gguf(p) | AdapterSource::Peft(p)) = self;
+        p
+    }
+}
+
 /// The task adapters of `dir` by task name: `<task>.gguf` files and PEFT adapter directories
 /// `<task>/`. A task given both ways is refused (which one was meant cannot be guessed).
 pub fn task_adapters(dir: &Path) -> Result<BTreeMap<String, AdapterSource>> {
@@ -883,27 +891,38 @@ pub fn task_adapters(dir: &Path) -> Result<BTreeMap<String, AdapterSource>> {
             continue;
         };
         if let Some(other) = out.insert(task.clone(), source) {
-            let other = match other {
-                AdapterSource::Gguf(p) | AdapterSource::Peft(p) => p,
-            };
-            return Err(Error::invalid(dir, format!("task {task}"), format!("given twice, as {} and {}: keep one", other.display(), path.display())));
+            return Err(Error::invalid(
+                dir,
+                format!("task {task}"),
+                format!("given twice, as {} and {}: keep one", other.path().display(), path.display()),
+            ));
         }
     }
     Ok(out)
 }
 
-/// A GGUF adapter file for `source`: the file itself, or the PEFT directory converted into
-/// `scratch/<task>.gguf` exactly as `convert --peft` writes it (validated against the base, in
-/// the type its tensors are stored in), so that a run on PEFT directories equals one on their
-/// converted files.
-pub fn adapter_file(task: &str, source: &AdapterSource, base_path: &Path, scratch: &Path) -> Result<PathBuf> {
-    match source {
-        AdapterSource::Gguf(path) => Ok(path.clone()),
-        AdapterSource::Peft(dir) => {
-            let output = scratch.join(format!("{task}.gguf"));
-            convert_peft(dir, base_path, &output, None)?;
-            Ok(output)
-        }
+/// Where PEFT adapters given as inputs are converted for one run: a temporary directory,
+/// created only when a PEFT directory comes along and removed when this is dropped, so that
+/// nothing but the run's outputs is left behind.
+#[derive(Default)]
+pub struct PeftScratch {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl PeftScratch {
+    /// A GGUF adapter file for `source`: the file itself, or the PEFT directory converted into
+    /// `<scratch>/<task>.gguf` exactly as `convert --peft` writes it (validated against the base,
+    /// in the type its tensors are stored in), so that a run on PEFT directories equals one on
+    /// their converted files. The file lives as long as `self`.
+    pub fn file(&mut self, task: &str, source: &AdapterSource, base_path: &Path) -> Result<PathBuf> {
+        let AdapterSource::Peft(peft_dir) = source else { return Ok(source.path().to_path_buf()) };
+        let dir = match &mut self.dir {
+            Some(d) => d,
+            empty => empty.insert(tempfile::Builder::new().prefix("d2c-peft-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?),
+        };
+        let output = dir.path().join(format!("{task}.gguf"));
+        convert_peft(peft_dir, base_path, &output, None)?;
+        Ok(output)
     }
 }
 

@@ -115,9 +115,9 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
     }
     let tests = read_tests(tests_dir)?;
     // Converted PEFT adapters live here until the evaluation ends.
-    let scratch = tempfile::Builder::new().prefix("d2c-eval-").tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+    let mut scratch = convert::PeftScratch::default();
     let mut shown = BTreeMap::new();
-    let assignment = adapter_files(base, &tests, choice, scratch.path(), &mut shown)?;
+    let assignment = adapter_files(base, &tests, choice, &mut scratch, &mut shown)?;
 
     let started = std::time::Instant::now();
     let mut model = Model::load(base)?;
@@ -235,7 +235,7 @@ fn adapter_files(
     base: &Path,
     tests: &BTreeMap<String, Vec<Sample>>,
     choice: &AdapterChoice,
-    scratch: &Path,
+    scratch: &mut convert::PeftScratch,
     shown: &mut BTreeMap<PathBuf, PathBuf>,
 ) -> Result<BTreeMap<String, Option<PathBuf>>> {
     let mut out = BTreeMap::new();
@@ -255,7 +255,7 @@ fn adapter_files(
                         format!("no adapter for this task's tests (neither {task}.gguf nor a PEFT directory {task}/)"),
                     )
                 })?;
-                let file = convert::adapter_file(task, source, base, scratch)?;
+                let file = scratch.file(task, source, base)?;
                 if let convert::AdapterSource::Peft(dir) = source {
                     shown.insert(file.clone(), dir.clone());
                 }
