@@ -67,6 +67,13 @@ pub(crate) struct Inputs<'a> {
     pub merge: &'a dyn Fn(&[usize]) -> Result<LoraAdapter>,
 }
 
+impl Inputs<'_> {
+    /// The task adapters' files: no candidate may be written over one.
+    fn input_paths(&self) -> Vec<&std::path::Path> {
+        self.tasks.iter().map(|t| t.adapter_path.as_path()).collect()
+    }
+}
+
 pub(crate) struct Allocation {
     pub groups: Vec<Vec<usize>>,
     pub chosen: Vec<ClusterEval>,
@@ -91,6 +98,16 @@ fn ladder_ranks(rank: usize) -> Vec<usize> {
 /// Sizes below one rank-1 adapter, as fractions of its bytes (targets dropped by energy).
 const BELOW_RANK1_PARTS: [u64; 4] = [2, 4, 8, 16];
 
+/// `adapter` at [`BELOW_RANK1_PARTS`] of `rank1_bytes` in `dtype`, targets chosen by energy
+/// (those too small for one direction are left out).
+fn below_rank1(adapter: &LoraAdapter, dtype: DType, rank1_bytes: u64) -> Vec<LoraAdapter> {
+    BELOW_RANK1_PARTS
+        .iter()
+        .filter_map(|part| compress::energy_ranks(&[adapter], dtype, rank1_bytes / part).ok())
+        .map(|(_, mut by_energy)| by_energy.remove(0))
+        .collect()
+}
+
 /// The smaller versions of `adapter` worth scoring, largest first (the adapter itself not
 /// included): every uniform rank of the ladder, the same bytes spent by energy per target, and
 /// 1/2, 1/4, 1/8 and 1/16 of rank 1's bytes, where only energy ranks (dropping targets) fit:
@@ -109,18 +126,14 @@ fn smaller_versions(adapter: &LoraAdapter, dtype: DType) -> Result<Vec<LoraAdapt
         }
     }
     if let Some(bytes) = rank1_bytes {
-        for part in BELOW_RANK1_PARTS {
-            if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, bytes / part) {
-                out.push(by_energy.remove(0));
-            }
-        }
+        out.extend(below_rank1(adapter, dtype, bytes));
     }
     Ok(out)
 }
 
 /// A group with every size scored, or (`floor_only`, for screening merges) only its smallest.
 fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: Candidate, adapter: &LoraAdapter, floor_only: bool) -> Result<Group> {
-    let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+    let input_paths = inp.input_paths();
     let mut candidates = vec![full];
     for smaller in smaller_versions(adapter, ev.dtype)? {
         candidates.push(ev.write_candidate(&smaller, &input_paths)?);
@@ -135,11 +148,8 @@ fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: C
         for &dtype in inp.storage_types.iter().filter(|&&d| d != ev.dtype) {
             candidates.push(ev.write_candidate_as(&cut, dtype, &input_paths)?);
             if rank == 1 {
-                let rank1_bytes = cut.encoded_bytes(dtype)?;
-                for part in BELOW_RANK1_PARTS {
-                    if let Ok((_, mut by_energy)) = compress::energy_ranks(&[adapter], dtype, rank1_bytes / part) {
-                        candidates.push(ev.write_candidate_as(&by_energy.remove(0), dtype, &input_paths)?);
-                    }
+                for smaller in below_rank1(adapter, dtype, cut.encoded_bytes(dtype)?) {
+                    candidates.push(ev.write_candidate_as(&smaller, dtype, &input_paths)?);
                 }
             }
         }
@@ -289,8 +299,7 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
             let mut members = [groups[a].members.clone(), groups[b].members.clone()].concat();
             members.sort_unstable();
             let merged = (inp.merge)(&members)?;
-            let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
-            let full = ev.write_candidate(&merged, &input_paths)?;
+            let full = ev.write_candidate(&merged, &inp.input_paths())?;
             let group = make_group(ev, inp, members, full.clone(), &merged, true)?;
             let before = groups[a].floor().candidate.bytes + groups[b].floor().candidate.bytes;
             let saved = before.saturating_sub(group.floor().candidate.bytes);
@@ -375,8 +384,7 @@ fn baseline_split(ev: &mut Evaluator, inp: &Inputs<'_>, dtype: DType, uniform: b
         compress::energy_ranks(&refs, dtype, inp.budget_bytes)
     };
     let Ok((ranks, cut)) = cut else { return Ok(None) };
-    let ranks: Vec<compress::TargetRanks> = ranks;
-    let input_paths: Vec<&std::path::Path> = inp.tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+    let input_paths = inp.input_paths();
     let mut sizes = Vec::with_capacity(cut.len());
     let mut kept = 0.0;
     for (i, adapter) in cut.iter().enumerate() {
