@@ -312,16 +312,7 @@ fn inspect(files: &[PathBuf], json: bool) -> Result<ExitCode> {
         }
         println!("  {:<40} {:>5} {:>6} {:>6} {:>5} {:>5} {:>10}", "target", "rank", "in", "out", "A", "B", "bytes");
         for t in &s.targets {
-            println!(
-                "  {:<40} {:>5} {:>6} {:>6} {:>5} {:>5} {:>10}",
-                t.name,
-                t.rank,
-                t.n_in,
-                t.n_out,
-                t.dtype_a.to_string(),
-                t.dtype_b.to_string(),
-                t.bytes
-            );
+            println!("  {:<40} {:>5} {:>6} {:>6} {:>5} {:>5} {:>10}", t.name, t.rank, t.n_in, t.n_out, t.dtype_a, t.dtype_b, t.bytes);
         }
     }
     Ok(ExitCode::SUCCESS)

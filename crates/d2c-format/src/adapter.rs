@@ -69,21 +69,21 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.ggml_type() == t)
     }
 
+    fn layout(self) -> ggml_type::TypeInfo {
+        ggml_type::type_info(self.ggml_type()).expect("every DType is a ggml type")
+    }
+
     /// Encoded bytes of a row of `row_len` values (per 32 values: Q8_0 34 bytes, Q5_0 22,
     /// Q4_0 18: one f16 scale and the quants).
     pub fn row_bytes(self, row_len: usize) -> usize {
-        match self {
-            DType::F32 => 4 * row_len,
-            DType::F16 | DType::BF16 => 2 * row_len,
-            DType::Q8_0 => row_len / 32 * 34,
-            DType::Q5_0 => row_len / 32 * 22,
-            DType::Q4_0 => row_len / 32 * 18,
-        }
+        let t = self.layout();
+        row_len / t.block_size as usize * t.type_size as usize
     }
 
     /// Values per block of a block-quantised type.
     pub fn block_len(self) -> Option<usize> {
-        matches!(self, DType::Q8_0 | DType::Q5_0 | DType::Q4_0).then_some(32)
+        let t = self.layout();
+        (t.block_size > 1).then_some(t.block_size as usize)
     }
 
     /// Whether rows of this length can be stored in this type.

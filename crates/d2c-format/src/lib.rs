@@ -29,7 +29,8 @@ macro_rules! value_names {
     ($ty:ty, $what:literal) => {
         impl ::std::fmt::Display for $ty {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                f.write_str(::clap::ValueEnum::to_possible_value(self).expect("every value has a name").get_name())
+                // `pad`, not `write_str`: tables align these with `{:>5}`.
+                f.pad(::clap::ValueEnum::to_possible_value(self).expect("every value has a name").get_name())
             }
         }
 

@@ -305,10 +305,6 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    pub fn model(&self) -> &'m Model {
-        self.model
-    }
-
     /// The adapter (and its scale) now applied; `None` is the base model.
     pub fn active_adapter(&self) -> Option<(AdapterId, f32)> {
         self.active

@@ -189,11 +189,6 @@ impl Scorer {
         &self.model
     }
 
-    /// The files of the adapters loaded, in [`Scorer::add_adapter`] order.
-    pub fn adapter_paths(&self) -> impl Iterator<Item = &Path> {
-        self.adapters.iter().map(|&id| self.model.adapter_path(id).expect("the scorer's own adapter"))
-    }
-
     pub fn options(&self) -> &ScoreOptions {
         &self.opts
     }
