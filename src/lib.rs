@@ -15,9 +15,7 @@ pub use d2c_format::{adapter, base, convert, error, fsutil, ggml_type, gguf, man
 pub use d2c_merge::{cluster, compress, linalg, merge, similarity};
 pub use d2c_runtime::{evaluate, ffi, generate, llama, score};
 
-mod allocate;
 pub mod d2c;
-mod evaluator;
 pub mod objective;
 pub mod report;
 

@@ -410,7 +410,13 @@ struct MergeArgs {
     /// Multipliers of the plain-average weights tried per cluster (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULTS.tune_scales.clone())]
     tune_scales: Vec<f32>,
-    /// Skip the per-cluster choice of operator and scale (plain average with --method).
+    /// Scales each task that shares an adapter may be served at, chosen per task on its
+    /// examples once the adapters are fixed (the manifest's `task_scales`; d2c-serve and
+    /// `eval --manifest` apply them). "1" turns this off.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULTS.serve_scales.clone())]
+    serve_scales: Vec<f32>,
+    /// Skip the per-cluster choice of operator and scale (plain average with --method) and the
+    /// per-task serve scales.
     #[arg(long)]
     no_tune: bool,
     /// Density for ties/dare.
@@ -467,9 +473,11 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     if a.no_tune {
         o.tune_methods.clear();
         o.tune_scales.clear();
+        o.serve_scales = vec![1.0];
     } else {
         o.tune_methods = a.tune_methods;
         o.tune_scales = a.tune_scales;
+        o.serve_scales = a.serve_scales;
     }
     o.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let manifest = d2c::run(&o)?;

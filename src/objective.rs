@@ -56,15 +56,16 @@ pub fn nll_regret(nll: f64, own: f64, base: f64) -> f64 {
     }
 }
 
-/// Every task's ceiling (own adapter) and floor (base), and the objective that compares a
-/// candidate's scores against them.
-pub struct Judge {
+/// Every task's ceiling (own adapter), floor (base) and size (completion tokens of its
+/// examples), and the objective that compares a candidate's scores against them.
+pub struct Baselines {
     pub objective: ExampleObjective,
     pub own: Vec<TaskScore>,
     pub base: Vec<TaskScore>,
+    pub tokens: Vec<usize>,
 }
 
-impl Judge {
+impl Baselines {
     /// 0 = as good as the task's own adapter; larger is worse (negative: better than its own).
     pub fn regret(&self, task: usize, s: TaskScore) -> f64 {
         let (own, base) = (self.own[task], self.base[task]);
@@ -81,10 +82,10 @@ impl Judge {
 mod tests {
     use super::*;
 
-    fn judge(objective: ExampleObjective) -> Judge {
+    fn judge(objective: ExampleObjective) -> Baselines {
         let own = TaskScore { nll: 0.2, exact: 0.8 };
         let base = TaskScore { nll: 1.2, exact: 0.1 };
-        Judge { objective, own: vec![own, TaskScore { nll: 0.5, exact: 0.0 }], base: vec![base, base] }
+        Baselines { objective, own: vec![own, TaskScore { nll: 0.5, exact: 0.0 }], base: vec![base, base], tokens: vec![10, 10] }
     }
 
     #[test]

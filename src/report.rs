@@ -21,8 +21,8 @@ pub fn render(m: &Manifest) -> String {
     let width = m.tasks.keys().map(String::len).max().unwrap_or(4).max(4);
     let _ = writeln!(
         s,
-        "{:<width$}  {:<16} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10}",
-        "task", "adapter", "nll own", "nll base", "nll merged", "exact o/m", "regret", "bytes/task"
+        "{:<width$}  {:<16} {:>6} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10}",
+        "task", "adapter", "served", "nll own", "nll base", "nll merged", "exact o/m", "regret", "bytes/task"
     );
     for (task, sc) in &m.scores {
         let adapter = m.adapters.get(sc.adapter);
@@ -31,7 +31,8 @@ pub fn render(m: &Manifest) -> String {
         let bytes = adapter.map(|a| a.bytes / a.tasks.len().max(1) as u64).unwrap_or(0);
         let _ = writeln!(
             s,
-            "{task:<width$}  {file:<16} {:>9.4} {:>9.4} {:>10.4} {:>9} {:>7.3} {bytes:>10}",
+            "{task:<width$}  {file:<16} {:>6} {:>9.4} {:>9.4} {:>10.4} {:>9} {:>7.3} {bytes:>10}",
+            format!("x{:.2}", m.task_scale(task)),
             sc.nll_own,
             sc.nll_base,
             sc.nll_merged,

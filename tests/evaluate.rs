@@ -271,3 +271,83 @@ fn the_scorers_exact_verdict_agrees_with_greedy_eval() {
     assert!(right > 10 && right < 70, "{right} of 80 right");
     assert!(agree >= 78, "verdict agrees with greedy eval on only {agree}/{total}");
 }
+
+#[test]
+fn eval_serves_each_task_at_its_manifest_scale() {
+    // Two tasks in one merged adapter; the manifest serves the first at 2. Its answers must be
+    // those of the same adapter with lora_b doubled (exact in f16), the other task's unchanged.
+    let set = common::small_task_set(1, 2, 5);
+    let out = common::tempdir();
+    let merged = out.path().join("merged");
+    let base = common::base_model();
+    let (code, _, err) = cli(&[
+        "merge",
+        "--base",
+        common::path_str(&base),
+        "--adapters",
+        common::path_str(&set.join("adapters")),
+        "--samples",
+        common::path_str(&set.join("samples")),
+        "--budget",
+        "1",
+        "--threads",
+        "1",
+        "--no-tune",
+        "--out",
+        common::path_str(&merged),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let manifest_path = merged.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let tasks: Vec<String> = m["tasks"].as_object().unwrap().keys().cloned().collect();
+    assert!(m.get("task_scales").is_none(), "--no-tune serves every task at 1: {}", m["task_scales"]);
+    m["task_scales"] = serde_json::json!({ &tasks[0]: 2.0 });
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+
+    let shared = merged.join(m["adapters"][0]["file"].as_str().unwrap());
+    let mut doubled = d2c_gguf::adapter::LoraAdapter::read(&shared).unwrap();
+    for t in doubled.targets.values_mut() {
+        t.b.iter_mut().for_each(|b| *b *= 2.0);
+    }
+    let by_hand = out.path().join("by-hand");
+    std::fs::create_dir_all(&by_hand).unwrap();
+    doubled.write(&by_hand.join(format!("{}.gguf", tasks[0])), DType::F16, &[]).unwrap();
+    std::fs::copy(&shared, by_hand.join(format!("{}.gguf", tasks[1]))).unwrap();
+
+    let tests = set.join("samples");
+    let eval_json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["eval", "--base", common::path_str(&base), "--tests", common::path_str(&tests), "--threads", "1"];
+        args.extend_from_slice(&["--max-tokens", "5", "--predictions", "--json"]);
+        args.extend_from_slice(extra);
+        let (code, stdout, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let scaled = eval_json(&["--manifest", common::path_str(&manifest_path)]);
+    let reference = eval_json(&["--adapters", common::path_str(&by_hand)]);
+    for t in &tasks {
+        assert_eq!(scaled["tasks"][t]["predictions"], reference["tasks"][t]["predictions"], "task {t}");
+    }
+    assert_eq!(scaled["tasks"][&tasks[0]]["scale"], 2.0);
+    assert_eq!(scaled["tasks"][&tasks[1]]["scale"], 1.0);
+    // At 1 the first task answers otherwise, or the scale could have been dropped unseen.
+    m["task_scales"] = serde_json::json!({});
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let at_one = eval_json(&["--manifest", common::path_str(&manifest_path)]);
+    assert_ne!(at_one["tasks"][&tasks[0]]["predictions"], scaled["tasks"][&tasks[0]]["predictions"]);
+
+    // A scale the manifest cannot carry is refused, naming the field.
+    m["task_scales"] = serde_json::json!({ &tasks[0]: -1.0 });
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    let (code, _, err) = cli(&[
+        "eval",
+        "--base",
+        common::path_str(&base),
+        "--tests",
+        common::path_str(&set.join("samples")),
+        "--manifest",
+        common::path_str(&manifest_path),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("task_scales.{}", tasks[0])) && err.contains("manifest.json"), "{err}");
+}

@@ -120,6 +120,12 @@ fn check_manifest(out: &Path) -> Manifest {
     }
     assert_eq!(seen.len(), GROUPS * PER_GROUP);
     assert_eq!(seen, m.tasks.keys().cloned().collect());
+    // Serve scales come from the grid, and only for tasks that share an adapter.
+    let grid: Vec<f32> = m.settings["serve_scales"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    for (t, s) in &m.task_scales {
+        assert!(grid.contains(s) || *s == 1.0, "task {t} at {s}, grid {grid:?}");
+        assert!(m.adapters[m.tasks[t]].tasks.len() > 1 || *s == 1.0, "task {t} keeps its own adapter, yet is served at {s}");
+    }
     m
 }
 

@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 
 pub const FORMAT: &str = "d2c-gguf.manifest/1";
 pub const FILE_NAME: &str = "manifest.json";
+/// Largest serve scale a manifest may carry: far beyond what any grid picks, so only a corrupt
+/// or hand-edited file exceeds it.
+pub const MAX_TASK_SCALE: f32 = 16.0;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BaseEntry {
@@ -100,6 +103,11 @@ pub struct Manifest {
     pub adapters: Vec<AdapterEntry>,
     /// task -> index into `adapters`.
     pub tasks: BTreeMap<String, usize>,
+    /// task -> the scale its adapter is served at (chosen on its examples once the clusters are
+    /// fixed; it costs no storage). A task not listed, and every task of a manifest written
+    /// before this key, is served at 1.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub task_scales: BTreeMap<String, f32>,
     pub settings: serde_json::Value,
     pub objective: Objective,
     pub rounds: Vec<Round>,
@@ -138,7 +146,20 @@ impl Manifest {
                 return Err(Error::invalid(path, format!("tasks.{task}"), format!("adapter index {i} out of range")));
             }
         }
+        for (task, &scale) in &m.task_scales {
+            if !m.tasks.contains_key(task) {
+                return Err(Error::invalid(path, format!("task_scales.{task}"), "not a task of this manifest (see `tasks`)"));
+            }
+            if !(scale.is_finite() && scale > 0.0 && scale <= MAX_TASK_SCALE) {
+                return Err(Error::invalid(path, format!("task_scales.{task}"), format!("scale {scale} is outside (0, {MAX_TASK_SCALE}]")));
+            }
+        }
         Ok(m)
+    }
+
+    /// The scale `task`'s adapter is served at.
+    pub fn task_scale(&self, task: &str) -> f32 {
+        self.task_scales.get(task).copied().unwrap_or(1.0)
     }
 
     pub fn to_json(&self) -> String {

@@ -65,6 +65,8 @@ pub struct Prediction {
 pub struct TaskAccuracy {
     /// The adapter file, or `None` for the base model.
     pub adapter: Option<PathBuf>,
+    /// The scale it was applied at (a manifest's `task_scales`; else 1).
+    pub scale: f32,
     pub correct: usize,
     pub total: usize,
     pub accuracy: f64,
@@ -88,7 +90,10 @@ impl EvalReport {
         let width = self.tasks.keys().map(|t| t.len()).max().unwrap_or(4).max(4);
         let mut out = format!("{:width$}  {:>8}  {:>7}  adapter\n", "task", "accuracy", "correct");
         for (task, a) in &self.tasks {
-            let adapter = a.adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(base)".into());
+            let mut adapter = a.adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(base)".into());
+            if a.scale != 1.0 {
+                adapter += &format!(" x{}", a.scale);
+            }
             out += &format!("{task:width$}  {:>8.3}  {:>3}/{:<3}  {adapter}\n", a.accuracy, a.correct, a.total);
         }
         out += &format!(
@@ -117,7 +122,9 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
     // Converted PEFT adapters live here until the evaluation ends.
     let mut scratch = convert::PeftScratch::default();
     let mut shown = BTreeMap::new();
-    let assignment = adapter_files(base, &tests, choice, &mut scratch, &mut shown)?;
+    let mut scales: BTreeMap<String, f32> = BTreeMap::new();
+    let assignment = adapter_files(base, &tests, choice, &mut scratch, &mut shown, &mut scales)?;
+    let scale_of = |task: &str| scales.get(task).copied().unwrap_or(1.0);
 
     let started = std::time::Instant::now();
     let mut model = Model::load(base)?;
@@ -148,16 +155,17 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
     let cfg = SessionConfig { n_ctx: n_ctx as u32, n_batch: opts.n_batch, n_seq: n_parallel as u32, threads: opts.threads, flash_attention: false };
     let mut session = model.session_with(cfg)?;
 
-    let mut groups: BTreeMap<Option<usize>, Vec<&str>> = BTreeMap::new();
+    // Tasks served alike (one adapter at one scale) are decoded together.
+    let mut groups: BTreeMap<(Option<usize>, u32), Vec<&str>> = BTreeMap::new();
     for (task, file) in &assignment {
         let index = file.as_ref().map(|f| files.binary_search(f).expect("every assigned file was loaded"));
-        groups.entry(index).or_default().push(task.as_str());
+        groups.entry((index, scale_of(task).to_bits())).or_default().push(task.as_str());
     }
     let progress = d2c_format::progress::bar(opts.progress, tests.values().map(|s| s.len() as u64).sum(), "evaluating");
     let mut generated: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut decoded_tokens = 0;
-    for (adapter, group) in &groups {
-        session.set_adapter(adapter.map(|i| (adapters[i], 1.0)))?;
+    for ((adapter, scale), group) in &groups {
+        session.set_adapter(adapter.map(|i| (adapters[i], f32::from_bits(*scale))))?;
         let prompts: Vec<&[Token]> = group.iter().flat_map(|t| prompts_of[t].iter().map(|p| p.as_slice())).collect();
         let mut outputs = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(n_parallel) {
@@ -193,7 +201,10 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
         }
         let total = samples.len();
         let adapter = assignment[task].as_ref().map(|f| shown.get(f).unwrap_or(f).clone());
-        report_tasks.insert(task.clone(), TaskAccuracy { adapter, correct, total, accuracy: correct as f64 / total as f64, predictions });
+        report_tasks.insert(
+            task.clone(),
+            TaskAccuracy { adapter, scale: scale_of(task), correct, total, accuracy: correct as f64 / total as f64, predictions },
+        );
     }
     let mean_accuracy = report_tasks.values().map(|a| a.accuracy).sum::<f64>() / report_tasks.len() as f64;
     Ok(EvalReport {
@@ -230,13 +241,15 @@ fn read_tests(dir: &Path) -> Result<BTreeMap<String, Vec<Sample>>> {
 
 /// The adapter file of every task (`None`: the base), checked to exist before any work.
 /// PEFT directories are converted into `scratch` first; `shown` maps such a converted file to
-/// the directory the user named, which is what the report shows.
+/// the directory the user named, which is what the report shows. A manifest's serve scales go
+/// into `scales`.
 fn adapter_files(
     base: &Path,
     tests: &BTreeMap<String, Vec<Sample>>,
     choice: &AdapterChoice,
     scratch: &mut convert::PeftScratch,
     shown: &mut BTreeMap<PathBuf, PathBuf>,
+    scales: &mut BTreeMap<String, f32>,
 ) -> Result<BTreeMap<String, Option<PathBuf>>> {
     let mut out = BTreeMap::new();
     match choice {
@@ -288,6 +301,7 @@ fn adapter_files(
                     }
                     checked[i] = true;
                 }
+                scales.insert(task.clone(), m.task_scale(task));
                 out.insert(task.clone(), Some(file));
             }
         }

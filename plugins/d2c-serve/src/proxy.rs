@@ -209,9 +209,14 @@ impl Proxy {
         }
         let adapter_header = match route {
             Route::Base => HeaderValue::from_static("none"),
-            Route::Adapter(_) => entry.adapter.as_deref().and_then(|a| HeaderValue::from_str(a).ok()).unwrap_or(HeaderValue::from_static("?")),
+            Route::Task(_) => entry.adapter.as_deref().and_then(|a| HeaderValue::from_str(a).ok()).unwrap_or(HeaderValue::from_static("?")),
         };
         resp.headers_mut().insert(HeaderName::from_static("x-d2c-adapter"), adapter_header);
+        if let Some(scale) = self.table.scale(route) {
+            if let Ok(v) = HeaderValue::from_str(&scale.to_string()) {
+                resp.headers_mut().insert(HeaderName::from_static("x-d2c-scale"), v);
+            }
+        }
         Ok(resp)
     }
 

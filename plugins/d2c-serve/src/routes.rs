@@ -20,11 +20,20 @@ pub struct AdapterSlot {
     pub tasks: Vec<String>,
 }
 
-/// Where a request goes: no task means the base model alone.
+/// Where a request goes: no task means the base model alone; a task, its entry in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Base,
-    Adapter(usize),
+    Task(usize),
+}
+
+/// How one task is served: its adapter, at its scale (the manifest's `task_scales`), as the
+/// per-request `lora` list says it to llama-server.
+#[derive(Debug)]
+struct TaskRoute {
+    adapter: usize,
+    scale: f32,
+    lora: Value,
 }
 
 #[derive(Debug)]
@@ -33,10 +42,10 @@ pub struct RoutingTable {
     base_model: PathBuf,
     adapters: Vec<AdapterSlot>,
     tasks: HashMap<String, usize>,
-    /// Per-request `lora` lists, built once. Every id is listed, the chosen one at 1 and the
-    /// rest at 0, so nothing depends on llama-server's defaults for unlisted ids or on its
-    /// global scales (an empty list would mean "use the global scales").
-    lora_for_adapter: Vec<Value>,
+    /// Per-request `lora` lists, built once per task. Every id is listed, the chosen one at the
+    /// task's scale and the rest at 0, so nothing depends on llama-server's defaults for
+    /// unlisted ids or on its global scales (an empty list would mean "use the global scales").
+    routes: Vec<TaskRoute>,
     lora_for_base: Value,
     models_body: Bytes,
 }
@@ -68,28 +77,37 @@ impl RoutingTable {
     }
 
     fn new(manifest_path: PathBuf, base_model: PathBuf, adapters: Vec<AdapterSlot>, manifest: &Manifest) -> Self {
-        let lora_list = |chosen: Option<usize>| -> Value {
-            Value::Array((0..adapters.len()).map(|id| json!({"id": id, "scale": if Some(id) == chosen { 1.0 } else { 0.0 }})).collect())
+        let lora_list = |chosen: Option<(usize, f32)>| -> Value {
+            Value::Array(
+                (0..adapters.len()).map(|id| json!({"id": id, "scale": chosen.filter(|&(c, _)| c == id).map_or(0.0, |(_, scale)| scale)})).collect(),
+            )
         };
-        let lora_for_adapter = (0..adapters.len()).map(|i| lora_list(Some(i))).collect();
         let lora_for_base = lora_list(None);
-        let tasks: HashMap<String, usize> = manifest.tasks.iter().map(|(t, &i)| (t.clone(), i)).collect();
+        let mut tasks = HashMap::new();
+        let mut routes = Vec::with_capacity(manifest.tasks.len());
+        for (task, &adapter) in &manifest.tasks {
+            let scale = manifest.task_scale(task);
+            tasks.insert(task.clone(), routes.len());
+            routes.push(TaskRoute { adapter, scale, lora: lora_list(Some((adapter, scale))) });
+        }
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         // BTreeMap order: a stable listing.
         let models: Vec<Value> = manifest
             .tasks
             .iter()
-            .map(|(task, &i)| json!({"id": task, "object": "model", "created": created, "owned_by": "d2c-serve", "adapter": adapters[i].file}))
+            .map(|(task, &i)| {
+                json!({"id": task, "object": "model", "created": created, "owned_by": "d2c-serve", "adapter": adapters[i].file, "scale": manifest.task_scale(task)})
+            })
             .collect();
         let models_body = Bytes::from(serde_json::to_vec(&json!({"object": "list", "data": models})).unwrap_or_default());
-        RoutingTable { manifest: manifest_path, base_model, adapters, tasks, lora_for_adapter, lora_for_base, models_body }
+        RoutingTable { manifest: manifest_path, base_model, adapters, tasks, routes, lora_for_base, models_body }
     }
 
     /// `None` or an empty name means the base model; an unknown name is `Err(name)`.
     pub fn route<'a>(&self, task: Option<&'a str>) -> Result<Route, &'a str> {
         match task {
             None | Some("") => Ok(Route::Base),
-            Some(name) => self.tasks.get(name).map(|&i| Route::Adapter(i)).ok_or(name),
+            Some(name) => self.tasks.get(name).map(|&i| Route::Task(i)).ok_or(name),
         }
     }
 
@@ -100,14 +118,22 @@ impl RoutingTable {
         }
         Some(match route {
             Route::Base => &self.lora_for_base,
-            Route::Adapter(i) => &self.lora_for_adapter[i],
+            Route::Task(t) => &self.routes[t].lora,
         })
     }
 
     pub fn adapter(&self, route: Route) -> Option<&AdapterSlot> {
         match route {
             Route::Base => None,
-            Route::Adapter(i) => self.adapters.get(i),
+            Route::Task(t) => self.adapters.get(self.routes[t].adapter),
+        }
+    }
+
+    /// The scale the route's adapter is applied at (`None` for the base model).
+    pub fn scale(&self, route: Route) -> Option<f32> {
+        match route {
+            Route::Base => None,
+            Route::Task(t) => Some(self.routes[t].scale),
         }
     }
 

@@ -126,6 +126,49 @@ fn routes_every_task_like_a_direct_lora_request() {
 }
 
 #[test]
+fn a_tasks_serve_scale_reaches_llama_server() {
+    // Two tasks share adapter 0; the manifest serves `extract` at 2.5.
+    let tasks = [("summarize", 0), ("extract", 0), ("classify", 1)];
+    let fixture = Fixture::with_scales(&tasks, 2, &[("extract", 2.5)]);
+    let plugin = start_plugin(&fixture, &[]);
+    let agent = agent();
+    let direct_at = |scale: f32| {
+        let mut body = completion(PROMPT, 8);
+        body["lora"] = scaled_lora_list(2, Some(0), scale);
+        let (status, text) = post(&agent, &plugin.upstream("/completion"), &body);
+        assert_eq!(status, 200, "{text}");
+        content(&text)
+    };
+    let (at_one, at_scale) = (direct_at(1.0), direct_at(2.5));
+    // Otherwise a scale dropped on the way could not be told apart.
+    assert_ne!(at_one, at_scale, "adapter 0 must answer differently at 1 and 2.5");
+
+    for (task, expected, scale) in [("summarize", &at_one, "1"), ("extract", &at_scale, "2.5")] {
+        let mut body = completion(PROMPT, 8);
+        body["task"] = json!(task);
+        let resp = agent.post(&plugin.url("/completion")).send_json(&body).unwrap();
+        assert_eq!(resp.headers()["x-d2c-adapter"], "merged-0.gguf");
+        assert_eq!(resp.headers()["x-d2c-scale"], scale, "task {task}");
+        assert_eq!(&content(&resp.into_body().read_to_string().unwrap()), expected, "task {task} via /completion");
+        let chat = greedy(json!({"model": task, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a colour."}]}));
+        let (status, routed) = post(&agent, &plugin.url("/v1/chat/completions"), &chat);
+        assert_eq!(status, 200, "{routed}");
+        let mut chat_direct = chat.clone();
+        chat_direct["lora"] = scaled_lora_list(2, Some(0), scale.parse().unwrap());
+        let (_, direct) = post(&agent, &plugin.upstream("/v1/chat/completions"), &chat_direct);
+        assert_eq!(
+            json_of(&routed)["choices"][0]["message"]["content"],
+            json_of(&direct)["choices"][0]["message"]["content"],
+            "task {task} via chat"
+        );
+    }
+    let (_, models) = get(&agent, &plugin.url("/v1/models"));
+    let models = json_of(&models);
+    let scale_of = |task: &str| models["data"].as_array().unwrap().iter().find(|m| m["id"] == task).unwrap()["scale"].as_f64();
+    assert_eq!((scale_of("extract"), scale_of("summarize")), (Some(2.5), Some(1.0)));
+}
+
+#[test]
 fn streams_sse_and_rejects_bad_requests() {
     let fixture = Fixture::new(&TASKS, 3);
     let plugin = start_plugin(&fixture, &["--max-body-bytes", "4096"]);

@@ -37,6 +37,11 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(tasks: &[(&str, usize)], n_adapters: usize) -> Fixture {
+        Self::with_scales(tasks, n_adapters, &[])
+    }
+
+    /// As [`Fixture::new`], with serve scales for some tasks (the manifest's `task_scales`).
+    pub fn with_scales(tasks: &[(&str, usize)], n_adapters: usize, scales: &[(&str, f32)]) -> Fixture {
         let dir = d2c_test_assets::tempdir("d2c-serve-test-");
         let base_path = base_model();
         let base = BaseModel::open(&base_path).expect("open base model");
@@ -71,6 +76,7 @@ impl Fixture {
             },
             adapters: entries,
             tasks: tasks.clone(),
+            task_scales: scales.iter().map(|(t, s)| (t.to_string(), *s)).collect(),
             settings: json!({}),
             objective: Objective { initial: 0.0, best: 0.0, best_round: 0 },
             rounds: vec![],
@@ -261,7 +267,12 @@ pub fn greedy(mut body: Value) -> Value {
 
 /// The per-request `lora` list that selects adapter `chosen` (or none) among `n`.
 pub fn lora_list(n: usize, chosen: Option<usize>) -> Value {
-    Value::Array((0..n).map(|id| json!({"id": id, "scale": if Some(id) == chosen { 1.0 } else { 0.0 }})).collect())
+    scaled_lora_list(n, chosen, 1.0)
+}
+
+/// As [`lora_list`], the chosen adapter at `scale`.
+pub fn scaled_lora_list(n: usize, chosen: Option<usize>, scale: f32) -> Value {
+    Value::Array((0..n).map(|id| json!({"id": id, "scale": if Some(id) == chosen { scale } else { 0.0 }})).collect())
 }
 
 /// Reads a whole streamed response, returning the raw SSE text.

@@ -18,13 +18,14 @@
 //! other's examples, the few best are merged for real and scored at their own ladder, and the
 //! merge that costs the least regret per byte saved is kept, until the floors fit.
 
+use super::evaluator::{Candidate, ClusterEval, Evaluator, Pool};
+use super::tasks::Task;
 use crate::adapter::{DType, LoraAdapter};
 use crate::compress;
-use crate::d2c::{ClusterEval, Task};
 use crate::error::{Error, Result};
-use crate::evaluator::{Candidate, Evaluator};
 use crate::manifest::Round;
-use crate::objective::Judge;
+use crate::merge::Method;
+use crate::objective::Baselines;
 
 /// Pairs merged and scored for real per merge step (after the cross-score screen).
 const PAIR_CANDIDATES: usize = 4;
@@ -56,22 +57,15 @@ impl Group {
 /// What the allocation needs from the pipeline: the tasks and their ceiling and floor, the
 /// evaluator that writes and scores candidates, and how a group's members are merged.
 pub(crate) struct Inputs<'a> {
-    pub tasks: &'a [Task],
-    pub judge: &'a Judge,
-    /// The own adapters as shipped, unchanged (the top of every singleton's ladder).
-    pub own_candidates: &'a [Candidate],
+    /// The tasks, and their own adapters as shipped (the top of every singleton's ladder).
+    pub pool: &'a Pool<'a>,
+    pub baselines: &'a Baselines,
     pub budget_bytes: u64,
     /// Other storage types each size may also ship in (uniform ranks only).
     pub storage_types: &'a [DType],
     pub max_files: usize,
-    pub merge: &'a dyn Fn(&[usize]) -> Result<LoraAdapter>,
-}
-
-impl Inputs<'_> {
-    /// The task adapters' files: no candidate may be written over one.
-    fn input_paths(&self) -> Vec<&std::path::Path> {
-        self.tasks.iter().map(|t| t.adapter_path.as_path()).collect()
-    }
+    /// Rank of a group's merge (SVD of the plain average).
+    pub merge_rank: usize,
 }
 
 pub(crate) struct Allocation {
@@ -133,7 +127,7 @@ fn smaller_versions(adapter: &LoraAdapter, dtype: DType) -> Result<Vec<LoraAdapt
 
 /// A group with every size scored, or (`floor_only`, for screening merges) only its smallest.
 fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: Candidate, adapter: &LoraAdapter, floor_only: bool) -> Result<Group> {
-    let input_paths = inp.input_paths();
+    let input_paths = inp.pool.input_paths();
     let mut candidates = vec![full];
     for smaller in smaller_versions(adapter, ev.dtype)? {
         candidates.push(ev.write_candidate(&smaller, &input_paths)?);
@@ -159,11 +153,11 @@ fn make_group(ev: &mut Evaluator, inp: &Inputs<'_>, members: Vec<usize>, full: C
         let smallest = candidates.iter().enumerate().min_by_key(|(_, c)| c.bytes).map(|(i, _)| i).expect("at least the full size");
         candidates = vec![candidates.swap_remove(smallest)];
     }
-    let member_tasks: Vec<&Task> = members.iter().map(|&i| &inp.tasks[i]).collect();
+    let member_tasks: Vec<&Task> = members.iter().map(|&i| &inp.pool.tasks[i]).collect();
     let mut sizes = Vec::with_capacity(candidates.len());
     for candidate in candidates {
         let got = ev.scores(Some(&candidate), &member_tasks)?;
-        let regret = members.iter().zip(&got).map(|(&i, &s)| inp.judge.regret(i, s)).sum();
+        let regret = members.iter().zip(&got).map(|(&i, &s)| inp.baselines.regret(i, s)).sum();
         sizes.push(Size { candidate, regret });
     }
     sizes.sort_by(|a, b| a.candidate.bytes.cmp(&b.candidate.bytes).then(a.regret.total_cmp(&b.regret)));
@@ -230,11 +224,11 @@ fn floors(groups: &[Group]) -> u64 {
 }
 
 pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocation> {
-    let n = inp.tasks.len();
+    let n = inp.pool.tasks.len();
     let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
     let mut groups = Vec::with_capacity(n);
     for i in 0..n {
-        groups.push(make_group(ev, inp, vec![i], inp.own_candidates[i].clone(), &inp.tasks[i].adapter, false)?);
+        groups.push(make_group(ev, inp, vec![i], inp.pool.own[i].clone(), &inp.pool.tasks[i].adapter, false)?);
     }
     let mut rounds = vec![];
     let record = |ev: &Evaluator, groups: &[Group], rounds: &mut Vec<Round>, seq0: usize, cached0: usize| {
@@ -242,7 +236,7 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
         rounds.push(Round {
             round: rounds.len(),
             objective,
-            clusters: groups.iter().map(|g| g.members.iter().map(|&i| inp.tasks[i].name.clone()).collect()).collect(),
+            clusters: groups.iter().map(|g| g.members.iter().map(|&i| inp.pool.tasks[i].name.clone()).collect()).collect(),
             scored_sequences: ev.scored_sequences - seq0,
             cached_sequences: ev.cached_sequences - cached0,
         });
@@ -272,13 +266,13 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
         let mut cross = vec![vec![0.0; g]; g];
         for (b, gb) in groups.iter().enumerate() {
             let others: Vec<usize> = (0..g).filter(|&a| a != b).collect();
-            let scored: Vec<&Task> = others.iter().flat_map(|&a| groups[a].members.iter().map(|&i| &inp.tasks[i])).collect();
+            let scored: Vec<&Task> = others.iter().flat_map(|&a| groups[a].members.iter().map(|&i| &inp.pool.tasks[i])).collect();
             let got = ev.scores(Some(&gb.floor().candidate), &scored)?;
             let mut at = 0;
             for &a in &others {
                 let mut sum = 0.0;
                 for &i in &groups[a].members {
-                    sum += inp.judge.regret(i, got[at]);
+                    sum += inp.baselines.regret(i, got[at]);
                     at += 1;
                 }
                 cross[a][b] = sum - groups[a].floor().regret;
@@ -298,8 +292,8 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
         for &(_, a, b) in pairs.iter().take(PAIR_CANDIDATES) {
             let mut members = [groups[a].members.clone(), groups[b].members.clone()].concat();
             members.sort_unstable();
-            let merged = (inp.merge)(&members)?;
-            let full = ev.write_candidate(&merged, &inp.input_paths())?;
+            let merged = inp.pool.merge(&members, Method::Svd, 1.0, inp.merge_rank)?;
+            let full = ev.write_candidate(&merged, &inp.pool.input_paths())?;
             let group = make_group(ev, inp, members, full.clone(), &merged, true)?;
             let before = groups[a].floor().candidate.bytes + groups[b].floor().candidate.bytes;
             let saved = before.saturating_sub(group.floor().candidate.bytes);
@@ -376,7 +370,7 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
 /// rank that fits (`truncate`); scored: (mean regret, mean share of each task's energy kept,
 /// the sizes). None where the cut does not fit.
 fn baseline_split(ev: &mut Evaluator, inp: &Inputs<'_>, dtype: DType, uniform: bool) -> Result<Option<(f64, f64, Vec<Size>)>> {
-    let refs: Vec<&LoraAdapter> = inp.tasks.iter().map(|t| &t.adapter).collect();
+    let refs: Vec<&LoraAdapter> = inp.pool.tasks.iter().map(|t| &t.adapter).collect();
     let cut = if uniform {
         compress::largest_uniform_rank(&refs, dtype, inp.budget_bytes)
             .map(|(r, cut)| (refs.iter().map(|a| compress::uniform_ranks(a, r)).collect(), cut))
@@ -384,13 +378,13 @@ fn baseline_split(ev: &mut Evaluator, inp: &Inputs<'_>, dtype: DType, uniform: b
         compress::energy_ranks(&refs, dtype, inp.budget_bytes)
     };
     let Ok((ranks, cut)) = cut else { return Ok(None) };
-    let input_paths = inp.input_paths();
+    let input_paths = inp.pool.input_paths();
     let mut sizes = Vec::with_capacity(cut.len());
     let mut kept = 0.0;
     for (i, adapter) in cut.iter().enumerate() {
         let candidate = ev.write_candidate_as(adapter, dtype, &input_paths)?;
-        let got = ev.scores(Some(&candidate), &[&inp.tasks[i]])?[0];
-        sizes.push(Size { candidate, regret: inp.judge.regret(i, got) });
+        let got = ev.scores(Some(&candidate), &[&inp.pool.tasks[i]])?[0];
+        sizes.push(Size { candidate, regret: inp.baselines.regret(i, got) });
         let spectra = compress::spectra(refs[i])?;
         let total: f64 = spectra.values().flatten().sum();
         let share: f64 = spectra.iter().map(|(t, v)| v[..ranks[i].get(t).copied().unwrap_or(0).min(v.len())].iter().sum::<f64>()).sum();

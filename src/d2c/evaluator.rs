@@ -1,0 +1,197 @@
+//! Candidate adapters written as they would ship and scored on the tasks' examples by
+//! llama.cpp (through the score cache), and the candidates a cluster of tasks can ship.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::score_cache::{Cached, ScoreCache};
+use super::tasks::Task;
+use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
+use crate::error::{Error, Result};
+use crate::gguf::Value;
+use crate::manifest::MergeChoice;
+use crate::merge::{self, MergeOptions, Method};
+use crate::objective::{Baselines, ExampleObjective, TaskScore};
+use crate::score::{ScoreJob, Scorer};
+
+/// Scores candidate adapters (written to a work dir in the output dtype, so what is scored is
+/// byte for byte what would be shipped) and caches by content hash.
+pub(crate) struct Evaluator {
+    pub scorer: Scorer,
+    pub cache: ScoreCache,
+    pub work_dir: PathBuf,
+    pub loaded: HashMap<String, usize>,
+    pub dtype: DType,
+    /// Targets of the widest input: a candidate with fewer has dropped some.
+    pub input_targets: usize,
+    pub scored_sequences: usize,
+    pub cached_sequences: usize,
+}
+
+/// A candidate adapter on disk.
+#[derive(Clone)]
+pub(crate) struct Candidate {
+    pub path: PathBuf,
+    pub hash: String,
+    pub bytes: u64,
+    pub rank: usize,
+    /// Rank per target where they differ or targets were dropped (None: all at `rank`).
+    pub target_ranks: Option<BTreeMap<String, usize>>,
+    /// Storage type it was written in (block types fall back to F16 for short rows).
+    pub dtype: DType,
+}
+
+impl Evaluator {
+    pub(crate) fn write_candidate(&self, adapter: &LoraAdapter, inputs: &[&Path]) -> Result<Candidate> {
+        self.write_candidate_as(adapter, self.dtype, inputs)
+    }
+
+    /// As [`Self::write_candidate`], in another storage type than the run's `--dtype`.
+    pub(crate) fn write_candidate_as(&self, adapter: &LoraAdapter, dtype: DType, inputs: &[&Path]) -> Result<Candidate> {
+        let w = adapter.to_gguf(dtype)?;
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).map_err(|e| Error::io(&self.work_dir, e))?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let path = self.work_dir.join(format!("{hash}.gguf"));
+        if !path.exists() {
+            crate::fsutil::write_atomic(&path, inputs, |f| f.write_all(&bytes))?;
+        }
+        let ranks: BTreeMap<String, usize> = adapter.targets.iter().map(|(name, t)| (name.clone(), t.rank)).collect();
+        let uniform = ranks.len() >= self.input_targets && ranks.values().all(|&r| r == adapter.max_rank());
+        Ok(Candidate { path, hash, bytes: bytes.len() as u64, rank: adapter.max_rank(), target_ranks: (!uniform).then_some(ranks), dtype })
+    }
+
+    /// Each listed task's examples scored under `candidate` (None = base model).
+    pub(crate) fn scores(&mut self, candidate: Option<&Candidate>, tasks: &[&Task]) -> Result<Vec<TaskScore>> {
+        self.scores_at(candidate, 1.0, tasks)
+    }
+
+    /// As [`Self::scores`], with the adapter applied at `scale` (as llama-server's per-request
+    /// `lora` scale applies it).
+    pub(crate) fn scores_at(&mut self, candidate: Option<&Candidate>, scale: f32, tasks: &[&Task]) -> Result<Vec<TaskScore>> {
+        // Scale 1 keeps the key of every score cached before scales were tried.
+        let adapter_key = match candidate {
+            None => "base".to_string(),
+            Some(c) if scale == 1.0 => c.hash.clone(),
+            Some(c) => format!("{}@{scale}", c.hash),
+        };
+        let mut out = vec![TaskScore { nll: f64::NAN, exact: f64::NAN }; tasks.len()];
+        let mut todo = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            let key = self.cache.key(&adapter_key, &t.samples_hash);
+            match self.cache.get(&key) {
+                Some(cached) => {
+                    out[i] = cached.task_score();
+                    self.cached_sequences += t.samples.len();
+                }
+                None => todo.push((i, key)),
+            }
+        }
+        if todo.is_empty() {
+            return Ok(out);
+        }
+        let adapter_index = match candidate {
+            None => None,
+            Some(c) => Some(match self.loaded.get(&c.hash) {
+                Some(&i) => i,
+                None => {
+                    let i = self.scorer.add_adapter(&c.path)?;
+                    self.loaded.insert(c.hash.clone(), i);
+                    i
+                }
+            }),
+        };
+        let jobs: Vec<ScoreJob<'_>> = todo.iter().map(|(i, _)| ScoreJob { adapter: adapter_index, scale, samples: &tasks[*i].samples }).collect();
+        let results = self.scorer.score(&jobs)?;
+        for ((i, key), r) in todo.into_iter().zip(results) {
+            self.scored_sequences += tasks[i].samples.len();
+            let cached = Cached { mean_nll: r.mean_nll, tokens: r.tokens, exact: r.exact, samples: tasks[i].samples.len() };
+            out[i] = cached.task_score();
+            self.cache.put(key, cached)?;
+        }
+        Ok(out)
+    }
+}
+
+/// What a cluster ships, once chosen: the candidate and, for a merge, how it was made.
+pub(crate) struct ClusterEval {
+    pub candidate: Candidate,
+    pub choice: Option<MergeChoice>,
+}
+
+/// The candidates a cluster of tasks can ship: its members merged (any operator, weight
+/// multiplier and rank), or a lone task's own adapter (compressed, under a truncation strategy).
+pub(crate) struct Pool<'a> {
+    pub tasks: &'a [Task],
+    /// Every task's own adapter as it would be shipped (in the output dtype).
+    pub own: Vec<Candidate>,
+    /// What each task ships under a truncation strategy.
+    pub compressed: Option<Vec<Candidate>>,
+    pub density: f32,
+    pub seed: u64,
+}
+
+impl Pool<'_> {
+    /// The members' average (times `scale`) under `method`, at `rank`, named after its tasks.
+    pub(crate) fn merge(&self, members: &[usize], method: Method, scale: f32, rank: usize) -> Result<LoraAdapter> {
+        let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &self.tasks[i].adapter).collect();
+        let w = scale / members.len() as f32;
+        let mo = MergeOptions { method, rank: Some(rank), weights: Some(vec![w; members.len()]), density: self.density, seed: self.seed };
+        let mut merged = merge::merge(&inputs, &mo)?;
+        let names: Vec<&str> = members.iter().map(|&i| self.tasks[i].name.as_str()).collect();
+        merged.metadata.insert(KEY_TASK_NAME.to_string(), Value::String(names.join(",")));
+        Ok(merged)
+    }
+
+    /// One cluster at `rank`, and the scores of `scored` under it: a singleton ships its
+    /// compressed adapter under a truncation strategy, else, at (or above) its own rank, its own
+    /// adapter unchanged; everything else is merged (a singleton below its rank is truncated).
+    pub(crate) fn eval(
+        &self,
+        ev: &mut Evaluator,
+        members: &[usize],
+        method: Method,
+        scale: f32,
+        rank: usize,
+        scored: &[&Task],
+    ) -> Result<(Candidate, Vec<TaskScore>)> {
+        let cand = if let (Some(cut), [only]) = (&self.compressed, members) {
+            cut[*only].clone()
+        } else if members.len() == 1 && scale == 1.0 && rank >= self.tasks[members[0]].adapter.max_rank() {
+            self.own[members[0]].clone()
+        } else {
+            let merged = self.merge(members, method, scale, rank)?;
+            ev.write_candidate(&merged, &self.input_paths())?
+        };
+        let scores = ev.scores(Some(&cand), scored)?;
+        Ok((cand, scores))
+    }
+
+    /// Never overwritten by a candidate.
+    pub(crate) fn input_paths(&self) -> Vec<&Path> {
+        self.tasks.iter().map(|t| t.adapter_path.as_path()).collect()
+    }
+}
+
+/// Every task's ceiling and floor: its examples under its own adapter (as it would be shipped,
+/// in the output dtype) and under the base model; and those own adapters as candidates.
+pub(crate) fn baselines(ev: &mut Evaluator, tasks: &[Task], objective: ExampleObjective, progress: bool) -> Result<(Baselines, Vec<Candidate>)> {
+    let n = tasks.len();
+    let input_paths: Vec<&Path> = tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+    let pb = crate::progress::bar(progress, 2 * n as u64, "own / base scores");
+    let all: Vec<&Task> = tasks.iter().collect();
+    let base = ev.scores(None, &all)?;
+    let tokens: Vec<usize> = tasks.iter().map(|t| ev.cache.get(&ev.cache.key("base", &t.samples_hash)).map(|c| c.tokens).unwrap_or(0)).collect();
+    pb.inc(n as u64);
+    let mut own = Vec::with_capacity(n);
+    let mut own_candidates = Vec::with_capacity(n);
+    for task in tasks {
+        let c = ev.write_candidate(&task.adapter, &input_paths)?;
+        own.push(ev.scores(Some(&c), &[task])?[0]);
+        own_candidates.push(c);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok((Baselines { objective, own, base, tokens }, own_candidates))
+}

@@ -1,0 +1,169 @@
+//! `merge`: data-driven clustering and merging of N task adapters into K (the D2C method).
+//!
+//! read adapters -> similarity -> initial clusters -> [merge -> score every task under every
+//! merged adapter -> move tasks]* -> tune each cluster's merge -> per-task serve scales ->
+//! write adapters + manifest. Under a byte budget the default is instead the allocator
+//! (`allocate.rs`): every task its own adapter at the size its examples say is worth the
+//! bytes, merging only where nothing else fits. The objective (`crate::objective`) compares
+//! each task's examples under a candidate with its own adapter, scored by llama.cpp itself
+//! (`evaluator.rs`); the best assignment seen is kept, so D2C never ends worse (on the
+//! examples) than the clusters it starts from.
+//!
+//! One file per stage: `options`, `tasks` (read and check), `score_cache`, `evaluator`
+//! (candidates and their scores), `search` (D2C's partition), `tune` (merges and serve
+//! scales), `budget` (ranks under a byte budget), `allocate` (the byte allocator), `publish`.
+
+mod allocate;
+mod budget;
+mod evaluator;
+mod options;
+mod publish;
+mod score_cache;
+mod search;
+mod tasks;
+mod tune;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+pub use options::{Init, MergeRunOptions, Strategy};
+pub use search::{apply_moves, move_candidates};
+
+use crate::adapter::LoraAdapter;
+use crate::compress;
+use crate::convert;
+use crate::error::{Error, Result};
+use crate::manifest::{self, Manifest};
+use crate::merge;
+use crate::score::{ScoreOptions, Scorer};
+use evaluator::{Candidate, Evaluator, Pool};
+use publish::{Outcome, RunFacts, Staging};
+use score_cache::ScoreCache;
+
+pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
+    let started = Instant::now();
+    let mut timings = BTreeMap::new();
+    check_budgets(opts)?;
+    let mut peft_scratch = convert::PeftScratch::default();
+    let (tasks, base_info) = tasks::read(opts, &mut peft_scratch)?;
+    let n = tasks.len();
+    let max_files = opts.budget.unwrap_or(n);
+    if opts.strategy.keeps_every_task() && max_files < n {
+        return Err(Error::Usage(format!(
+            "--strategy {} keeps one adapter per task: --budget (a cap on files) must be at least the {n} tasks, got {max_files}",
+            opts.strategy
+        )));
+    }
+    let k = max_files.min(n);
+    let (rank, compressed) = truncations(opts, &tasks)?;
+    timings.insert("read".to_string(), started.elapsed().as_secs_f64());
+
+    let base_hash = manifest::hash_file(&opts.base)?;
+    let cpu_kernels = crate::llama::cpu_kernels()?;
+    let staging = Staging::new(&opts.out)?;
+    let t = Instant::now();
+    let mut ev = {
+        // Another kernel set scores a little differently: its scores are other cache entries.
+        let scoring_id = format!("{base_hash}+{}", &blake3::hash(cpu_kernels.as_bytes()).to_hex()[..16]);
+        let score_opts = ScoreOptions { threads: opts.threads, progress: false, end: opts.score_end, ..ScoreOptions::default() };
+        Evaluator {
+            scorer: Scorer::new(&opts.base, score_opts)?,
+            cache: ScoreCache::open(opts.cache.as_deref(), &scoring_id)?,
+            work_dir: staging.work_dir(),
+            loaded: HashMap::new(),
+            dtype: opts.dtype,
+            input_targets: tasks.iter().map(|t| t.adapter.targets.len()).max().unwrap_or(0),
+            scored_sequences: 0,
+            cached_sequences: 0,
+        }
+    };
+    let (baselines, own) = evaluator::baselines(&mut ev, &tasks, opts.objective, opts.progress)?;
+    timings.insert("score_own_base".to_string(), t.elapsed().as_secs_f64());
+    let compressed: Option<Vec<Candidate>> = match &compressed {
+        Some(cut) => Some(
+            cut.iter().map(|a| ev.write_candidate(a, &tasks.iter().map(|t| t.adapter_path.as_path()).collect::<Vec<_>>())).collect::<Result<_>>()?,
+        ),
+        None => None,
+    };
+    let pool = Pool { tasks: &tasks, own, compressed, density: opts.density, seed: opts.seed };
+
+    let mut outcome = if opts.strategy == Strategy::Allocate {
+        let t = Instant::now();
+        let inputs = allocate::Inputs {
+            pool: &pool,
+            baselines: &baselines,
+            budget_bytes: opts.budget_bytes.expect("checked above"),
+            storage_types: &opts.storage_types,
+            max_files,
+            merge_rank: tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(1),
+        };
+        let a = allocate::allocate(&mut ev, &inputs)?;
+        timings.insert("allocation".to_string(), t.elapsed().as_secs_f64());
+        let best_round = a.rounds.len() - 1;
+        Outcome { groups: a.groups, chosen: a.chosen, scales: vec![], rounds: a.rounds, best_round, starts: vec![], rank }
+    } else {
+        let k = match opts.strategy {
+            Strategy::Single => 1,
+            s if s.keeps_every_task() => n,
+            _ => k,
+        };
+        let found = search::search(&mut ev, &pool, &baselines, opts, k, rank, &mut timings)?;
+        let groups = crate::cluster::clusters_of(&found.assign, k);
+        let t = Instant::now();
+        let mut chosen = tune::tune_merges(&mut ev, &pool, &baselines, opts, &groups, rank)?;
+        timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
+        // Truncation strategies fitted the bytes already, task by task.
+        if let (Some(budget_bytes), false) = (opts.budget_bytes, opts.strategy.keeps_every_task()) {
+            let t = Instant::now();
+            budget::allocate_ranks(&mut ev, &pool, &baselines, budget_bytes, rank, &groups, &mut chosen)?;
+            timings.insert("rank_allocation".to_string(), t.elapsed().as_secs_f64());
+        }
+        Outcome { groups, chosen, scales: vec![], rounds: found.rounds, best_round: found.best_round, starts: found.starts, rank }
+    };
+    let t = Instant::now();
+    outcome.scales = tune::serve_scales(&mut ev, &pool, &baselines, opts, &outcome.groups, &outcome.chosen)?;
+    timings.insert("serve_scales".to_string(), t.elapsed().as_secs_f64());
+
+    let facts = RunFacts { opts, base_info: &base_info, base_hash, cpu_kernels };
+    let manifest = publish::manifest(&mut ev, &tasks, &baselines, facts, &outcome, timings, started)?;
+    staging.publish(&manifest, &outcome.chosen, &opts.out)?;
+    Ok(manifest)
+}
+
+/// A count (`--budget`), bytes (`--budget-bytes`) or both, as the strategy needs; serve
+/// scales a manifest can carry.
+fn check_budgets(opts: &MergeRunOptions) -> Result<()> {
+    if let Some(bad) = opts.serve_scales.iter().find(|&&s| !(s.is_finite() && s > 0.0 && s <= manifest::MAX_TASK_SCALE)) {
+        return Err(Error::Usage(format!("--serve-scales: {bad} is outside (0, {}]", manifest::MAX_TASK_SCALE)));
+    }
+    if opts.budget == Some(0) {
+        return Err(Error::Usage("--budget must be at least 1".into()));
+    }
+    if opts.budget.is_none() && opts.budget_bytes.is_none() {
+        return Err(Error::Usage("give --budget (a number of adapters) or --budget-bytes (their total size), or both".into()));
+    }
+    if opts.strategy == Strategy::Allocate && opts.budget_bytes.is_none() {
+        return Err(Error::Usage("--strategy allocate needs --budget-bytes".into()));
+    }
+    Ok(())
+}
+
+/// The rank merges are made at (`--rank`, else the largest input rank) and, under a
+/// truncation strategy, what each task ships instead of its own adapter.
+fn truncations(opts: &MergeRunOptions, tasks: &[tasks::Task]) -> Result<(usize, Option<Vec<LoraAdapter>>)> {
+    let mut rank = opts.rank.unwrap_or_else(|| tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(8));
+    let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+    merge::check_compatible(&refs)?;
+    let compressed = match (opts.strategy, opts.budget_bytes) {
+        (Strategy::Truncate, Some(bytes)) => {
+            let (r, cut) = compress::largest_uniform_rank(&refs, opts.dtype, bytes)?;
+            rank = r;
+            Some(cut)
+        }
+        (Strategy::Truncate, None) => Some(refs.iter().map(|a| compress::cut_to_rank(a, rank)).collect::<Result<_>>()?),
+        (Strategy::TruncateEnergy, Some(bytes)) => Some(compress::energy_ranks(&refs, opts.dtype, bytes)?.1),
+        (Strategy::TruncateEnergy, None) => return Err(Error::Usage("--strategy truncate-energy needs --budget-bytes".into())),
+        _ => None,
+    };
+    Ok((rank, compressed))
+}

@@ -1,0 +1,129 @@
+//! What `merge` is asked to do: the strategies, where D2C starts, and every option with its
+//! default (the command line's `merge` flags take theirs from [`MergeRunOptions::default`]).
+
+use std::path::PathBuf;
+
+use crate::adapter::DType;
+use crate::merge::Method;
+use crate::objective::ExampleObjective;
+use crate::score::CompletionEnd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// Weight-space clusters refined by merge -> score -> reassign rounds.
+    D2c,
+    /// Weight-space clusters only (the paper's k-means baseline).
+    Kmeans,
+    /// A seeded random partition.
+    Random,
+    /// Every task into one adapter.
+    Single,
+    /// No merging: every task keeps its own adapter, every target cut (truncated SVD) to the
+    /// largest uniform rank whose files fit `--budget-bytes` (or to `--rank`).
+    Truncate,
+    /// No merging: every task keeps its own adapter, with per-target ranks chosen by singular
+    /// value energy under `--budget-bytes` (targets may be dropped).
+    TruncateEnergy,
+    /// Under `--budget-bytes`: every task its own adapter at the size its examples say is worth
+    /// the bytes (uniform or per-target ranks, targets dropped below rank 1), merged with
+    /// others only where even the smallest sizes do not fit or `--budget` caps the files.
+    Allocate,
+}
+
+impl Strategy {
+    /// Strategies that keep one adapter per task and only make each smaller.
+    pub fn keeps_every_task(self) -> bool {
+        matches!(self, Strategy::Truncate | Strategy::TruncateEnergy)
+    }
+}
+
+d2c_format::value_names!(Strategy, "strategy");
+
+/// Where D2C's rounds start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Init {
+    /// Weight-space k-medoids.
+    Kmeans,
+    /// A seeded random partition.
+    Random,
+}
+
+d2c_format::value_names!(Init, "init");
+
+#[derive(Debug, Clone)]
+pub struct MergeRunOptions {
+    pub base: PathBuf,
+    pub adapters_dir: PathBuf,
+    pub samples_dir: PathBuf,
+    /// Number of output adapters (K); under `--budget-bytes` optional, a cap on files.
+    pub budget: Option<usize>,
+    pub out: PathBuf,
+    pub budget_bytes: Option<u64>,
+    pub rank: Option<usize>,
+    pub method: Method,
+    pub strategy: Strategy,
+    pub init: Init,
+    pub rounds: usize,
+    /// Starts D2C compares before its rounds (the --init one, then others); 1 = --init only.
+    pub restarts: usize,
+    pub seed: u64,
+    pub threads: Option<i32>,
+    pub dtype: DType,
+    /// Lower-bit storage types the allocator may also ship an adapter in (`lora_a` in the
+    /// type, short `lora_b` rows in F16), next to `dtype`.
+    pub storage_types: Vec<DType>,
+    pub cache: Option<PathBuf>,
+    pub force: bool,
+    /// Operators and weight multipliers tried per cluster once clusters are fixed; a single
+    /// method and scale 1.0 turn tuning off.
+    pub tune_methods: Vec<Method>,
+    pub tune_scales: Vec<f32>,
+    /// Scales each task may be served at, chosen per task on its examples once the adapters
+    /// are fixed (`task_scales` in the manifest; free in storage). Just `1` turns it off.
+    pub serve_scales: Vec<f32>,
+    pub density: f32,
+    pub progress: bool,
+    /// What is scored after each example's completion.
+    pub score_end: CompletionEnd,
+    /// What the rounds, the tuning and the allocation minimise on the examples.
+    pub objective: ExampleObjective,
+}
+
+impl MergeRunOptions {
+    pub fn new(base: PathBuf, adapters_dir: PathBuf, samples_dir: PathBuf, budget: Option<usize>, out: PathBuf) -> Self {
+        MergeRunOptions { base, adapters_dir, samples_dir, budget, out, ..MergeRunOptions::default() }
+    }
+}
+
+/// The defaults, in one place: the command line's `merge` flags take theirs from here.
+impl Default for MergeRunOptions {
+    fn default() -> Self {
+        MergeRunOptions {
+            base: PathBuf::new(),
+            adapters_dir: PathBuf::new(),
+            samples_dir: PathBuf::new(),
+            budget: None,
+            out: PathBuf::new(),
+            budget_bytes: None,
+            rank: None,
+            method: Method::Svd,
+            strategy: Strategy::D2c,
+            init: Init::Kmeans,
+            rounds: 6,
+            restarts: 4,
+            seed: 0,
+            threads: None,
+            dtype: DType::F16,
+            storage_types: vec![DType::Q8_0, DType::Q4_0],
+            cache: None,
+            force: false,
+            tune_methods: vec![Method::Svd, Method::Ties, Method::Dare],
+            tune_scales: vec![1.0, 1.25, 1.5],
+            serve_scales: vec![0.5, 1.0, 1.5, 2.0, 3.0],
+            density: 0.5,
+            progress: false,
+            score_end: CompletionEnd::None,
+            objective: ExampleObjective::Exact,
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The score cache: every score llama.cpp computed, keyed by content (base and CPU kernels,
+//! adapter bytes, examples), so that no candidate is scored twice, across runs too with
+//! `--cache`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::objective::TaskScore;
+
+/// Scores keyed by content: (base hash and the CPU kernels that score, adapter file hash or
+/// "base", samples hash). Optionally appended to a file as they are computed, so an
+/// interrupted run resumes without rescoring.
+pub(crate) struct ScoreCache {
+    map: HashMap<String, Cached>,
+    file: Option<(PathBuf, std::fs::File)>,
+    scoring_id: String,
+}
+
+/// One sample set's score under one adapter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cached {
+    pub mean_nll: f64,
+    pub tokens: usize,
+    /// Samples greedy decoding reproduces, of `samples`.
+    pub exact: usize,
+    pub samples: usize,
+}
+
+impl Cached {
+    pub(crate) fn task_score(&self) -> TaskScore {
+        TaskScore { nll: self.mean_nll, exact: self.exact as f64 / self.samples.max(1) as f64 }
+    }
+}
+
+impl ScoreCache {
+    pub(crate) fn open(dir: Option<&Path>, scoring_id: &str) -> Result<Self> {
+        let mut map = HashMap::new();
+        let file = match dir {
+            None => None,
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                let path = dir.join("scores.jsonl");
+                if path.exists() {
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                    // A kill mid-append leaves a line without its newline; cut it off, or the
+                    // next append would be glued to it and that finished score lost too.
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        let keep = text.rfind('\n').map_or(0, |i| i + 1) as u64;
+                        let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+                        f.set_len(keep).map_err(|e| Error::io(&path, e))?;
+                    }
+                    for line in text.lines() {
+                        // A line cut short by a kill is simply not reused, nor one written before
+                        // exact-match counts were kept.
+                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                            let field = |name: &str| v[name].as_u64().map(|x| x as usize);
+                            if let (Some(k), Some(mean_nll), Some(tokens), Some(exact), Some(samples)) =
+                                (v["key"].as_str(), v["mean_nll"].as_f64(), field("tokens"), field("exact"), field("samples"))
+                            {
+                                map.insert(k.to_string(), Cached { mean_nll, tokens, exact, samples });
+                            }
+                        }
+                    }
+                }
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+                Some((path, f))
+            }
+        };
+        Ok(ScoreCache { map, file, scoring_id: scoring_id.to_string() })
+    }
+
+    pub(crate) fn key(&self, adapter_hash: &str, samples_hash: &str) -> String {
+        format!("{}:{adapter_hash}:{samples_hash}", self.scoring_id)
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Cached> {
+        self.map.get(key).copied()
+    }
+
+    pub(crate) fn put(&mut self, key: String, value: Cached) -> Result<()> {
+        if let Some((path, f)) = &mut self.file {
+            // One write per line (O_APPEND): a kill leaves whole lines or one cut-off tail.
+            let line = json!({"key": key, "mean_nll": value.mean_nll, "tokens": value.tokens, "exact": value.exact, "samples": value.samples})
+                .to_string()
+                + "\n";
+            f.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
+        }
+        self.map.insert(key, value);
+        Ok(())
+    }
+}

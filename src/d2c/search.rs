@@ -1,0 +1,320 @@
+//! D2C's search for a partition: a start (weight-space k-medoids, or a seeded random one),
+//! other starts compared on their own clusters, then rounds of merge -> score every task under
+//! every cluster -> move tasks, each move judged with the task inside. The best partition seen
+//! is kept, so the search never ends worse on the examples than where it started.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::evaluator::{Evaluator, Pool};
+use super::options::{Init, MergeRunOptions, Strategy};
+use super::tasks::pick;
+use crate::adapter::LoraAdapter;
+use crate::cluster::{self, Assignment};
+use crate::error::Result;
+use crate::manifest::Round;
+use crate::objective::Baselines;
+use crate::similarity;
+
+/// What the search found, and how.
+pub(crate) struct Search {
+    /// The best partition seen.
+    pub assign: Assignment,
+    pub rounds: Vec<Round>,
+    pub best_round: usize,
+    /// The starts the restarts compared (manifest settings), with their objectives.
+    pub starts: Vec<serde_json::Value>,
+}
+
+/// The partition `opts.strategy` asks for, refined by D2C's rounds where it is D2C (1 < k < n).
+pub(crate) fn search(
+    ev: &mut Evaluator,
+    pool: &Pool<'_>,
+    baselines: &Baselines,
+    opts: &MergeRunOptions,
+    k: usize,
+    rank: usize,
+    timings: &mut BTreeMap<String, f64>,
+) -> Result<Search> {
+    let tasks = pool.tasks;
+    let n = tasks.len();
+    let t = Instant::now();
+    let similarity = {
+        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+        similarity::similarity_matrix(&refs)
+    };
+    timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
+    let mut assign: Assignment = match (opts.strategy, opts.init) {
+        _ if k == n => (0..n).collect(),
+        (Strategy::Truncate | Strategy::TruncateEnergy | Strategy::Allocate, _) => (0..n).collect(),
+        (Strategy::Single, _) => vec![0; n],
+        (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
+        (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
+    };
+
+    let t = Instant::now();
+    let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
+    // Every task's regret under its own cluster of `partition` (only the clusters numbered
+    // `changed`, where given), as (task, regret).
+    let own_clusters = |ev: &mut Evaluator, partition: &Assignment, changed: Option<[usize; 2]>| -> Result<Vec<(usize, f64)>> {
+        let mut regrets = Vec::new();
+        for members in cluster::clusters_of(partition, k) {
+            if changed.is_some_and(|ch| !ch.contains(&partition[members[0]])) {
+                continue;
+            }
+            let (_, got) = pool.eval(ev, &members, opts.method, 1.0, rank, &pick(tasks, &members))?;
+            regrets.extend(members.iter().zip(&got).map(|(&i, &g)| (i, baselines.regret(i, g))));
+        }
+        Ok(regrets)
+    };
+    // Restarts: other starts scored on their own members only (K merges, N task scores
+    // each, against the N x K of a round), and the rounds refine the best. The objective
+    // ranks partitions far better than it finds them by moving tasks one at a time.
+    let mut starts = Vec::new();
+    if refine && opts.restarts > 1 {
+        let mut options: Vec<(String, Assignment)> = vec![(opts.init.to_string(), cluster::canonical(&assign, k))];
+        let mut seed = opts.seed;
+        while options.len() < opts.restarts {
+            let start = if opts.init == Init::Random && options.len() == 1 {
+                ("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))
+            } else {
+                seed += 1;
+                (format!("random seed {seed}"), cluster::random_partition(n, k, seed))
+            };
+            let start = (start.0, cluster::canonical(&start.1, k));
+            if !options.iter().any(|(_, a)| *a == start.1) {
+                options.push(start);
+            } else if seed > opts.seed + 4 * opts.restarts as u64 {
+                break; // few distinct partitions exist
+            }
+        }
+        let mut best_start: Option<(f64, usize)> = None;
+        for (si, (name, start)) in options.iter().enumerate() {
+            let objective = own_clusters(ev, start, None)?.iter().map(|(_, r)| r).sum::<f64>() / n as f64;
+            starts.push(json!({"start": name, "objective": objective}));
+            if best_start.is_none_or(|(b, _)| objective < b - 1e-12) {
+                best_start = Some((objective, si));
+            }
+        }
+        assign = options[best_start.expect("at least one start").1].1.clone();
+    }
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut seen: HashSet<Assignment> = HashSet::new();
+    let mut best: Option<(f64, Assignment, usize)> = None;
+    let max_rounds = if refine { opts.rounds } else { 0 };
+    let pb = crate::progress::bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
+    for round in 0..=max_rounds {
+        let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+        seen.insert(assign.clone());
+        let groups = cluster::clusters_of(&assign, k);
+        // regret[i][c]: task i under cluster c's merged adapter (all pairs when refining).
+        let mut regrets = vec![vec![f64::INFINITY; groups.len()]; n];
+        for (c, members) in groups.iter().enumerate() {
+            let scored: Vec<usize> = if refine { (0..n).collect() } else { members.clone() };
+            let (_, got) = pool.eval(ev, members, opts.method, 1.0, rank, &pick(tasks, &scored))?;
+            for (j, &i) in scored.iter().enumerate() {
+                regrets[i][c] = baselines.regret(i, got[j]);
+            }
+        }
+        let own_regret: Vec<f64> = (0..n).map(|i| regrets[i][assign[i]]).collect();
+        let objective = own_regret.iter().sum::<f64>() / n as f64;
+        rounds.push(Round {
+            round,
+            objective,
+            clusters: groups.iter().map(|g| g.iter().map(|&i| tasks[i].name.clone()).collect()).collect(),
+            scored_sequences: ev.scored_sequences - seq0,
+            cached_sequences: ev.cached_sequences - cached0,
+        });
+        if best.as_ref().is_none_or(|(b, _, _)| objective < *b - 1e-12) {
+            best = Some((objective, assign.clone(), round));
+        }
+        pb.inc(1);
+        if round == max_rounds {
+            break;
+        }
+        // Every move and swap is judged with the task inside: the clusters it changes
+        // re-merged and their members scored (the true change of the objective). The
+        // scores at hand only pick which few to judge.
+        let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
+        let change_of = |ev: &mut Evaluator, trial: &Assignment, changed: [usize; 2]| -> Result<f64> {
+            Ok(own_clusters(ev, trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum())
+        };
+        let mut measured = Vec::new();
+        for (i, to) in move_candidates(&assign, &regrets, MOVE_CANDIDATES) {
+            let mut trial = assign.clone();
+            let from = trial[i];
+            trial[i] = to;
+            if seen.contains(&cluster::canonical(&trial, k)) {
+                continue;
+            }
+            measured.push((change_of(ev, &trial, [from, to])?, i, to));
+        }
+        let mut next = cluster::canonical(&apply_moves(&assign, k, &measured), k);
+        if next == assign || seen.contains(&next) {
+            // No single move helps (a symmetric mix: every task best served at home):
+            // swaps of two tasks between clusters, the most promising few.
+            let mut best_swap: Option<(f64, Assignment)> = None;
+            for (i, j) in swap_candidates(&assign, &regrets, SWAP_CANDIDATES) {
+                let mut trial = assign.clone();
+                trial.swap(i, j);
+                let changed = [trial[i], trial[j]];
+                if seen.contains(&cluster::canonical(&trial, k)) {
+                    continue;
+                }
+                let change = change_of(ev, &trial, changed)?;
+                if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
+                    best_swap = Some((change, cluster::canonical(&trial, k)));
+                }
+            }
+            match best_swap {
+                Some((_, trial)) => next = trial,
+                None => {
+                    record_extra(&mut rounds, ev, seq0, cached0);
+                    break; // neither a move nor a swap helps: converged
+                }
+            }
+        }
+        record_extra(&mut rounds, ev, seq0, cached0);
+        assign = next;
+    }
+    pb.finish_and_clear();
+    timings.insert("clustering".to_string(), t.elapsed().as_secs_f64());
+    let (_, assign, best_round) = best.expect("at least one round");
+    Ok(Search { assign, rounds, best_round, starts })
+}
+
+/// Moves judged exactly per round (both clusters re-merged, their members scored).
+const MOVE_CANDIDATES: usize = 12;
+
+/// Moves of one task to another cluster, most promising first by the scores at hand (the task
+/// under the other cluster's current adapter, which lacks the task's own delta: a biased
+/// screen, so moves it calls slightly harmful are kept too). A cluster never gives away its
+/// last task.
+pub fn move_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<(usize, usize)> {
+    let k = regrets.first().map(Vec::len).unwrap_or(0);
+    let mut sizes = vec![0usize; k];
+    for &c in assign {
+        sizes[c] += 1;
+    }
+    let mut moves: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, &from) in assign.iter().enumerate() {
+        if sizes[from] < 2 {
+            continue;
+        }
+        for to in (0..k).filter(|&c| c != from) {
+            let change = regrets[i][to] - regrets[i][from];
+            moves.push((if change.is_finite() { change } else { f64::INFINITY }, i, to));
+        }
+    }
+    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    moves.into_iter().take(limit).map(|(_, i, to)| (i, to)).collect()
+}
+
+/// One reassignment step from moves whose objective change was measured exactly (negative =
+/// better). Each was judged against the current clusters, so only moves between clusters no
+/// earlier (better) move of this step touched are taken: what was measured still holds. A
+/// cluster never gives away its last task.
+pub fn apply_moves(assign: &[usize], k: usize, measured: &[(f64, usize, usize)]) -> Assignment {
+    let mut sizes = vec![0usize; k];
+    for &c in assign {
+        sizes[c] += 1;
+    }
+    let mut moves: Vec<(f64, usize, usize)> = measured.iter().copied().filter(|m| m.0 < -1e-9).collect();
+    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut touched = vec![false; k];
+    let mut next = assign.to_vec();
+    for (_, task, to) in moves {
+        let from = assign[task];
+        if touched[from] || touched[to] || sizes[from] < 2 {
+            continue;
+        }
+        next[task] = to;
+        sizes[from] -= 1;
+        sizes[to] += 1;
+        touched[from] = true;
+        touched[to] = true;
+    }
+    next
+}
+
+/// Charges the moves and swaps judged after a round's scores to that round.
+fn record_extra(rounds: &mut [Round], ev: &Evaluator, seq0: usize, cached0: usize) {
+    if let Some(last) = rounds.last_mut() {
+        last.scored_sequences += ev.scored_sequences - seq0;
+        last.cached_sequences += ev.cached_sequences - cached0;
+    }
+}
+
+/// Swaps tried exactly (two clusters re-merged and scored each) once the move rule is stuck.
+const SWAP_CANDIDATES: usize = 8;
+
+/// Pairs of tasks in different clusters, most promising swap first by the scores at hand: how
+/// much each would gain under the other's current cluster adapter (biased against the move,
+/// since neither adapter holds the arriving task's delta, but it ranks the pairs).
+fn swap_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<(usize, usize)> {
+    let n = assign.len();
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let (a, b) = (assign[i], assign[j]);
+            if a != b {
+                let change = regrets[i][b] - regrets[i][a] + regrets[j][a] - regrets[j][b];
+                pairs.push((if change.is_finite() { change } else { f64::INFINITY }, i, j));
+            }
+        }
+    }
+    pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    pairs.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moves_between_the_same_two_clusters_are_taken_one_per_step() {
+        // Two mixed clusters: each measured move helps, but after the best one the others were
+        // judged against clusters that no longer exist.
+        let assign = vec![0, 1, 0, 1];
+        let measured = vec![(-0.10, 0, 1), (-0.09, 1, 0), (-0.05, 2, 1), (-0.04, 3, 0)];
+        let next = apply_moves(&assign, 2, &measured);
+        let moved: Vec<usize> = (0..4).filter(|&i| next[i] != assign[i]).collect();
+        assert_eq!(moved, vec![0], "only the best move between two clusters: {next:?}");
+        // A move that does not lower the objective is never taken.
+        assert_eq!(apply_moves(&assign, 2, &[(0.0, 0, 1), (0.2, 1, 0)]), assign);
+    }
+
+    #[test]
+    fn a_symmetric_mix_offers_the_swap_that_unmixes_it() {
+        // Tasks 0, 1 belong together, as do 2, 3, but the clusters are {0, 2} and {1, 3}: each
+        // task is served best at home (its own delta is there), so the screen ranks every move
+        // as harmful; the moves are still offered for judging, and so are the swaps.
+        let assign = vec![0, 1, 0, 1];
+        let regrets = vec![vec![0.2, 0.5], vec![0.5, 0.2], vec![0.2, 0.6], vec![0.6, 0.2]];
+        let moves = move_candidates(&assign, &regrets, 8);
+        assert_eq!(moves.len(), 4);
+        assert_eq!(moves[0], (0, 1), "the least harmful by the screen first: {moves:?}");
+        let swaps = swap_candidates(&assign, &regrets, 8);
+        // Every cross-cluster pair is a candidate, and swapping 1 with 2 (or 0 with 3) is there.
+        assert_eq!(swaps.len(), 4);
+        assert!(swaps.contains(&(1, 2)) && swaps.contains(&(0, 3)));
+        assert!(swap_candidates(&assign, &regrets, 1).len() == 1);
+        assert!(swap_candidates(&[0, 0, 0], &[vec![0.1], vec![0.1], vec![0.1]], 8).is_empty());
+    }
+
+    #[test]
+    fn independent_moves_happen_in_one_step_and_no_cluster_empties() {
+        let assign = vec![0, 0, 1, 1, 2, 2, 3];
+        let measured = vec![
+            (-0.5, 0, 1),
+            (-0.4, 4, 3), // a different pair of clusters, so it moves in the same step
+            (-0.9, 6, 2), // would empty cluster 3
+        ];
+        assert_eq!(apply_moves(&assign, 4, &measured), vec![1, 0, 1, 1, 3, 2, 3]);
+        // The screen never offers a move out of a cluster of one.
+        let regrets = vec![vec![0.1, 0.9]; 3];
+        assert!(move_candidates(&[0, 0, 1], &regrets, 8).iter().all(|&(i, _)| i != 2));
+    }
+}

@@ -1,0 +1,143 @@
+//! The tasks `merge` reads: `DIR/<task>.gguf` (or a PEFT directory `DIR/<task>/`) with its
+//! examples `SAMPLES/<task>.jsonl`, every input checked against the base before any work.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::options::MergeRunOptions;
+use crate::adapter::LoraAdapter;
+use crate::base::BaseModel;
+use crate::convert::{self, AdapterSource};
+use crate::error::{Error, Result};
+use crate::manifest;
+use crate::samples::{self, Sample};
+use crate::score::CompletionEnd;
+use crate::validate;
+
+pub(crate) struct Task {
+    pub name: String,
+    pub adapter_path: PathBuf,
+    pub adapter: LoraAdapter,
+    pub samples: Vec<Sample>,
+    pub samples_hash: String,
+}
+
+/// Task names from `DIR/<task>.gguf` (or PEFT directories `DIR/<task>/`) and
+/// `SAMPLES/<task>.jsonl`; every mismatch is reported.
+fn discover(adapters_dir: &Path, samples_dir: &Path) -> Result<Vec<(String, AdapterSource, PathBuf)>> {
+    let list = |dir: &Path, ext: &str| -> Result<BTreeMap<String, PathBuf>> {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut out = BTreeMap::new();
+        for entry in rd {
+            let p = entry.map_err(|e| Error::io(dir, e))?.path();
+            if p.extension().and_then(|e| e.to_str()) == Some(ext) && p.is_file() {
+                if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                    out.insert(stem.to_string(), p.clone());
+                }
+            }
+        }
+        Ok(out)
+    };
+    let adapters = convert::task_adapters(adapters_dir)?;
+    let samples = list(samples_dir, "jsonl")?;
+    let mut problems = Vec::new();
+    for (task, source) in &adapters {
+        let p = source.path();
+        if !samples.contains_key(task) {
+            problems.push(format!(
+                "task {task}: adapter {} has no samples file {}",
+                p.display(),
+                samples_dir.join(format!("{task}.jsonl")).display()
+            ));
+        }
+    }
+    for (task, p) in &samples {
+        if !adapters.contains_key(task) {
+            problems.push(format!("task {task}: samples {} have no adapter {}", p.display(), adapters_dir.join(format!("{task}.gguf")).display()));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Usage(problems.join("\n")));
+    }
+    if adapters.is_empty() {
+        return Err(Error::Usage(format!(
+            "no adapters in {}: expected <task>.gguf files or PEFT directories <task>/ with {}",
+            adapters_dir.display(),
+            convert::ADAPTER_CONFIG
+        )));
+    }
+    Ok(adapters
+        .into_iter()
+        .map(|(t, a)| {
+            let s = samples[&t].clone();
+            (t, a, s)
+        })
+        .collect())
+}
+
+/// Checks the output directory before any work: it must be absent or empty, or `--force`,
+/// and it must not contain any input.
+fn check_out_dir(opts: &MergeRunOptions) -> Result<()> {
+    let out = &opts.out;
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(Error::Usage(format!("--out {} exists and is not a directory", out.display())));
+        }
+        let non_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some();
+        if non_empty && !opts.force {
+            return Err(Error::Usage(format!("--out {} is not empty (use --force to replace it)", out.display())));
+        }
+        let out_abs = std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
+        for input in [&opts.base, &opts.adapters_dir, &opts.samples_dir] {
+            if let Ok(p) = std::fs::canonicalize(input) {
+                if p.starts_with(&out_abs) {
+                    return Err(Error::Usage(format!("--out {} contains the input {}: refusing to replace it", out.display(), input.display())));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every task, read and checked: adapters that do not fit the base are all reported at once.
+/// PEFT directories become GGUF files first, as `convert` writes them, in `scratch` (which
+/// must outlive the run): everything after reads files, as it would had the user converted them.
+pub(crate) fn read(opts: &MergeRunOptions, scratch: &mut convert::PeftScratch) -> Result<(Vec<Task>, BaseModel)> {
+    check_out_dir(opts)?;
+    let discovered = discover(&opts.adapters_dir, &opts.samples_dir)?;
+    let base_info = BaseModel::open(&opts.base)?;
+    let mut found = Vec::with_capacity(discovered.len());
+    for (task, source, samples_path) in discovered {
+        let file = scratch.file(&task, &source, &opts.base)?;
+        found.push((task, file, samples_path));
+    }
+    let mut problems = Vec::new();
+    for (task, adapter_path, _) in &found {
+        for p in validate::validate_adapter(&base_info, adapter_path) {
+            problems.push(format!("task {task}: {p}"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Usage(format!("input adapters do not fit the base model {}:\n{}", opts.base.display(), problems.join("\n"))));
+    }
+    let mut tasks = Vec::new();
+    for (name, adapter_path, samples_path) in found {
+        let adapter = LoraAdapter::read(&adapter_path)?;
+        let samples = samples::read_samples(&samples_path)?;
+        if samples.is_empty() {
+            return Err(Error::invalid(&samples_path, "samples", format!("task {name} has no examples")));
+        }
+        let mut samples_hash = manifest::hash_file(&samples_path)?;
+        // Cached scores are keyed by this: the same examples scored with their end are others.
+        if opts.score_end != CompletionEnd::None {
+            samples_hash = format!("{samples_hash}+end-{}", opts.score_end);
+        }
+        tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
+    }
+    Ok((tasks, base_info))
+}
+
+/// The tasks at `members`, in order.
+pub(crate) fn pick<'t>(tasks: &'t [Task], members: &[usize]) -> Vec<&'t Task> {
+    members.iter().map(|&i| &tasks[i]).collect()
+}

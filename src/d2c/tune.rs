@@ -1,0 +1,102 @@
+//! Once the clusters are fixed: per cluster, the merge operator and weight multiplier that serve
+//! its own tasks best on their examples; then per task, the scale its adapter is served at.
+
+use super::evaluator::{Candidate, ClusterEval, Evaluator, Pool};
+use super::options::MergeRunOptions;
+use super::tasks::pick;
+use crate::error::Result;
+use crate::manifest::MergeChoice;
+use crate::merge::Method;
+use crate::objective::{Baselines, TaskScore};
+
+/// Every cluster's merge, chosen among `opts.tune_methods` x `opts.tune_scales` (and
+/// `opts.method` at 1) by its members' mean regret. A lone task ships its own adapter.
+pub(crate) fn tune_merges(
+    ev: &mut Evaluator,
+    pool: &Pool<'_>,
+    baselines: &Baselines,
+    opts: &MergeRunOptions,
+    groups: &[Vec<usize>],
+    rank: usize,
+) -> Result<Vec<ClusterEval>> {
+    let mut chosen: Vec<ClusterEval> = Vec::with_capacity(groups.len());
+    let pb = crate::progress::bar(opts.progress, groups.len() as u64, "tuning merges");
+    for members in groups {
+        let member_tasks = pick(pool.tasks, members);
+        let cluster_objective =
+            |got: &[TaskScore]| -> f64 { members.iter().zip(got).map(|(&i, &v)| baselines.regret(i, v)).sum::<f64>() / members.len() as f64 };
+        if members.len() == 1 {
+            let (cand, _) = pool.eval(ev, members, opts.method, 1.0, rank, &member_tasks)?;
+            chosen.push(ClusterEval { candidate: cand, choice: None });
+            pb.inc(1);
+            continue;
+        }
+        let mut options: Vec<(Method, f32)> = vec![(opts.method, 1.0)];
+        for &m in &opts.tune_methods {
+            for &s in &opts.tune_scales {
+                if !options.contains(&(m, s)) {
+                    options.push((m, s));
+                }
+            }
+        }
+        let mut best_here: Option<(f64, Candidate, Method, f32)> = None;
+        for (m, s) in options {
+            let (cand, got) = pool.eval(ev, members, m, s, rank, &member_tasks)?;
+            let obj = cluster_objective(&got);
+            if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
+                best_here = Some((obj, cand, m, s));
+            }
+        }
+        let (obj, cand, m, s) = best_here.expect("at least one option");
+        chosen.push(ClusterEval { candidate: cand, choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }) });
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(chosen)
+}
+
+/// Per task, the scale in `opts.serve_scales` (1 where it is not listed) at which its shipped
+/// adapter serves its examples best, for every task that shares an adapter. A merge dilutes each
+/// member's delta (an average of four holds a quarter of each), and how much a task wants it
+/// back against the others' deltas differs by task; the scale costs no storage (llama-server
+/// takes it per request). A task that ships its own adapter (or its truncation) keeps 1: its
+/// examples would only fit noise. Ties keep 1, then the smaller scale.
+pub(crate) fn serve_scales(
+    ev: &mut Evaluator,
+    pool: &Pool<'_>,
+    baselines: &Baselines,
+    opts: &MergeRunOptions,
+    groups: &[Vec<usize>],
+    chosen: &[ClusterEval],
+) -> Result<Vec<f32>> {
+    let mut scales = vec![1.0f32; pool.tasks.len()];
+    let mut grid: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s != 1.0).collect();
+    grid.sort_by(f32::total_cmp);
+    grid.dedup();
+    let shared: Vec<usize> = (0..groups.len()).filter(|&c| groups[c].len() > 1).collect();
+    if grid.is_empty() || shared.is_empty() {
+        return Ok(scales);
+    }
+    let pb = crate::progress::bar(opts.progress, shared.len() as u64, "serve scales");
+    for c in shared {
+        let members = &groups[c];
+        let member_tasks = pick(pool.tasks, members);
+        let at_one = ev.scores(Some(&chosen[c].candidate), &member_tasks)?;
+        let mut best: Vec<(f64, f32)> = members.iter().zip(&at_one).map(|(&i, &g)| (baselines.regret(i, g), 1.0)).collect();
+        for &s in &grid {
+            let got = ev.scores_at(Some(&chosen[c].candidate), s, &member_tasks)?;
+            for (m, (&i, &g)) in members.iter().zip(&got).enumerate() {
+                let r = baselines.regret(i, g);
+                if r < best[m].0 - 1e-12 {
+                    best[m] = (r, s);
+                }
+            }
+        }
+        for (m, &i) in members.iter().enumerate() {
+            scales[i] = best[m].1;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(scales)
+}
