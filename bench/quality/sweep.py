@@ -129,6 +129,9 @@ def run(args: argparse.Namespace) -> None:
         "tune_scales": args.tune_scales,
         "max_tokens": args.max_tokens,
     }
+    if args.serve_scales != "1":
+        # Rows without the key were merged before per-task serve scales (or with them off).
+        merge_settings["serve_scales"] = args.serve_scales
 
     def once(key: str, make) -> None:
         if key in done:
@@ -203,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
                 "--budget", k, "--strategy", "d2c" if strategy in ("d2c-bytes", "d2c-rinit", "d2c-nl") else strategy,
                 "--seed", 0 if strategy == "d2c-bytes" else seed, "--rounds", args.rounds,
-                "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, *extra,
+                "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales, *extra,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
             merge_seconds = time.time() - t
             manifest = json.loads((out / "manifest.json").read_text())
@@ -268,6 +271,8 @@ def report(args: argparse.Namespace) -> None:
             parts = r["key"].split("/")  # set/strategy/k/f/settings[/aREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 else 1
             label = "allocate" if revision == ALLOCATOR_REVISION else f"allocate (revision {revision})"
+        if r.get("settings", {}).get("serve_scales", "1") != "1":
+            label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
     order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
@@ -428,6 +433,7 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--tune-methods", default="svd,ties,dare")
     r.add_argument("--tune-scales", default="1,1.25,1.5")
+    r.add_argument("--serve-scales", default="0.5,1,1.5,2,3", help="merge --serve-scales; 1 = off (the rows before per-task scales)")
     r.add_argument("--max-tokens", type=int, default=12)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--families", help="only the tasks of these families (comma-separated)")

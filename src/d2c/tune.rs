@@ -60,7 +60,10 @@ pub(crate) fn tune_merges(
 /// member's delta (an average of four holds a quarter of each), and how much a task wants it
 /// back against the others' deltas differs by task; the scale costs no storage (llama-server
 /// takes it per request). A task that ships its own adapter (or its truncation) keeps 1: its
-/// examples would only fit noise. Ties keep 1, then the smaller scale.
+/// examples would only fit noise. The grid is climbed from 1, up first, then down for the
+/// tasks going up did not help; a task stops at the first step that does not lower its
+/// regret (about two scorings per task instead of one per grid point). Ties keep the scale
+/// nearer 1.
 pub(crate) fn serve_scales(
     ev: &mut Evaluator,
     pool: &Pool<'_>,
@@ -70,26 +73,40 @@ pub(crate) fn serve_scales(
     chosen: &[ClusterEval],
 ) -> Result<Vec<f32>> {
     let mut scales = vec![1.0f32; pool.tasks.len()];
-    let mut grid: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s != 1.0).collect();
-    grid.sort_by(f32::total_cmp);
-    grid.dedup();
+    let mut up: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s > 1.0).collect();
+    up.sort_by(f32::total_cmp);
+    up.dedup();
+    let mut down: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s < 1.0).collect();
+    down.sort_by(|a, b| b.total_cmp(a));
+    down.dedup();
     let shared: Vec<usize> = (0..groups.len()).filter(|&c| groups[c].len() > 1).collect();
-    if grid.is_empty() || shared.is_empty() {
+    if (up.is_empty() && down.is_empty()) || shared.is_empty() {
         return Ok(scales);
     }
     let pb = crate::progress::bar(opts.progress, shared.len() as u64, "serve scales");
     for c in shared {
         let members = &groups[c];
-        let member_tasks = pick(pool.tasks, members);
-        let at_one = ev.scores(Some(&chosen[c].candidate), &member_tasks)?;
+        let candidate = &chosen[c].candidate;
+        let at_one = ev.scores(Some(candidate), &pick(pool.tasks, members))?;
         let mut best: Vec<(f64, f32)> = members.iter().zip(&at_one).map(|(&i, &g)| (baselines.regret(i, g), 1.0)).collect();
-        for &s in &grid {
-            let got = ev.scores_at(Some(&chosen[c].candidate), s, &member_tasks)?;
-            for (m, (&i, &g)) in members.iter().zip(&got).enumerate() {
-                let r = baselines.regret(i, g);
-                if r < best[m].0 - 1e-12 {
-                    best[m] = (r, s);
+        for ladder in [&up, &down] {
+            // Going down only for the tasks going up left at 1.
+            let mut climbing: Vec<usize> = (0..members.len()).filter(|&m| best[m].1 == 1.0).collect();
+            for &s in ladder.iter() {
+                if climbing.is_empty() {
+                    break;
                 }
+                let at: Vec<usize> = climbing.iter().map(|&m| members[m]).collect();
+                let got = ev.scores_at(Some(candidate), s, &pick(pool.tasks, &at))?;
+                let mut still = Vec::new();
+                for (&m, &g) in climbing.iter().zip(&got) {
+                    let r = baselines.regret(members[m], g);
+                    if r < best[m].0 - 1e-12 {
+                        best[m] = (r, s);
+                        still.push(m);
+                    }
+                }
+                climbing = still;
             }
         }
         for (m, &i) in members.iter().enumerate() {
