@@ -105,49 +105,37 @@ fn cli(args: &[&str]) -> (i32, String, String) {
     common::run_cli(args)
 }
 
+/// `merge` of a small task set (`SET/adapters`, `SET/samples`) into `merged`, which must succeed.
+fn merge_small_set(set: &Path, merged: &Path, extra: &[&str]) {
+    let (base, adapters, samples) = (common::base_model(), set.join("adapters"), set.join("samples"));
+    let mut args = vec!["merge", "--base", common::path_str(&base), "--adapters", common::path_str(&adapters)];
+    args.extend_from_slice(&["--samples", common::path_str(&samples), "--threads", "1", "--out", common::path_str(merged)]);
+    args.extend_from_slice(extra);
+    let (code, _, err) = cli(&args);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// `eval --json --predictions` of `tests` (5 tokens per answer) with `extra`, which must succeed.
+fn eval_json(tests: &Path, extra: &[&str]) -> serde_json::Value {
+    let base = common::base_model();
+    let mut args = vec!["eval", "--base", common::path_str(&base), "--tests", common::path_str(tests), "--threads", "1"];
+    args.extend_from_slice(&["--max-tokens", "5", "--predictions", "--json"]);
+    args.extend_from_slice(extra);
+    let (code, stdout, err) = cli(&args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
 #[test]
 fn manifest_routes_tasks_and_refuses_tampered_adapters() {
     let set = common::small_task_set(1, 2, 5);
     let out = common::tempdir();
     let merged = out.path().join("merged");
     let base = common::base_model();
-    let (code, _, err) = cli(&[
-        "merge",
-        "--base",
-        common::path_str(&base),
-        "--adapters",
-        common::path_str(&set.join("adapters")),
-        "--samples",
-        common::path_str(&set.join("samples")),
-        "--budget",
-        "2",
-        "--threads",
-        "1",
-        "--out",
-        common::path_str(&merged),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    merge_small_set(&set, &merged, &["--budget", "2"]);
     let manifest = merged.join("manifest.json");
     let tests = set.join("samples");
-    let eval_json = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec![
-            "eval",
-            "--base",
-            common::path_str(&base),
-            "--tests",
-            common::path_str(&tests),
-            "--threads",
-            "1",
-            "--max-tokens",
-            "5",
-            "--predictions",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let (code, stdout, err) = cli(&args);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str(&stdout).unwrap()
-    };
+    let eval_json = |extra: &[&str]| eval_json(&tests, extra);
     // With K >= N the manifest keeps every task's own adapter, so routing through it must give
     // exactly the per-task result.
     let via_manifest = eval_json(&["--manifest", common::path_str(&manifest)]);
@@ -280,23 +268,7 @@ fn eval_serves_each_task_at_its_manifest_scale() {
     let out = common::tempdir();
     let merged = out.path().join("merged");
     let base = common::base_model();
-    let (code, _, err) = cli(&[
-        "merge",
-        "--base",
-        common::path_str(&base),
-        "--adapters",
-        common::path_str(&set.join("adapters")),
-        "--samples",
-        common::path_str(&set.join("samples")),
-        "--budget",
-        "1",
-        "--threads",
-        "1",
-        "--no-tune",
-        "--out",
-        common::path_str(&merged),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    merge_small_set(&set, &merged, &["--budget", "1", "--no-tune"]);
     let manifest_path = merged.join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
     let tasks: Vec<String> = m["tasks"].as_object().unwrap().keys().cloned().collect();
@@ -315,14 +287,7 @@ fn eval_serves_each_task_at_its_manifest_scale() {
     std::fs::copy(&shared, by_hand.join(format!("{}.gguf", tasks[1]))).unwrap();
 
     let tests = set.join("samples");
-    let eval_json = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["eval", "--base", common::path_str(&base), "--tests", common::path_str(&tests), "--threads", "1"];
-        args.extend_from_slice(&["--max-tokens", "5", "--predictions", "--json"]);
-        args.extend_from_slice(extra);
-        let (code, stdout, err) = cli(&args);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str(&stdout).unwrap()
-    };
+    let eval_json = |extra: &[&str]| eval_json(&tests, extra);
     let scaled = eval_json(&["--manifest", common::path_str(&manifest_path)]);
     let reference = eval_json(&["--adapters", common::path_str(&by_hand)]);
     for t in &tasks {

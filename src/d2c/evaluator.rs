@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::score_cache::{Cached, ScoreCache};
-use super::tasks::Task;
+use super::tasks::{input_paths, Task};
 use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
 use crate::error::{Error, Result};
 use crate::gguf::Value;
@@ -170,7 +170,7 @@ impl Pool<'_> {
 
     /// Never overwritten by a candidate.
     pub(crate) fn input_paths(&self) -> Vec<&Path> {
-        self.tasks.iter().map(|t| t.adapter_path.as_path()).collect()
+        input_paths(self.tasks)
     }
 }
 
@@ -178,7 +178,7 @@ impl Pool<'_> {
 /// in the output dtype) and under the base model; and those own adapters as candidates.
 pub(crate) fn baselines(ev: &mut Evaluator, tasks: &[Task], objective: ExampleObjective, progress: bool) -> Result<(Baselines, Vec<Candidate>)> {
     let n = tasks.len();
-    let input_paths: Vec<&Path> = tasks.iter().map(|t| t.adapter_path.as_path()).collect();
+    let input_paths = input_paths(tasks);
     let pb = crate::progress::bar(progress, 2 * n as u64, "own / base scores");
     let all: Vec<&Task> = tasks.iter().collect();
     let base = ev.scores(None, &all)?;

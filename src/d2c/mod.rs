@@ -43,7 +43,7 @@ use score_cache::ScoreCache;
 pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let started = Instant::now();
     let mut timings = BTreeMap::new();
-    check_budgets(opts)?;
+    check_options(opts)?;
     let mut peft_scratch = convert::PeftScratch::default();
     let (tasks, base_info) = tasks::read(opts, &mut peft_scratch)?;
     let n = tasks.len();
@@ -80,9 +80,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let (baselines, own) = evaluator::baselines(&mut ev, &tasks, opts.objective, opts.progress)?;
     timings.insert("score_own_base".to_string(), t.elapsed().as_secs_f64());
     let compressed: Option<Vec<Candidate>> = match &compressed {
-        Some(cut) => Some(
-            cut.iter().map(|a| ev.write_candidate(a, &tasks.iter().map(|t| t.adapter_path.as_path()).collect::<Vec<_>>())).collect::<Result<_>>()?,
-        ),
+        Some(cut) => Some(cut.iter().map(|a| ev.write_candidate(a, &tasks::input_paths(&tasks))).collect::<Result<_>>()?),
         None => None,
     };
     let pool = Pool { tasks: &tasks, own, compressed, density: opts.density, seed: opts.seed };
@@ -132,7 +130,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
 
 /// A count (`--budget`), bytes (`--budget-bytes`) or both, as the strategy needs; serve
 /// scales a manifest can carry.
-fn check_budgets(opts: &MergeRunOptions) -> Result<()> {
+fn check_options(opts: &MergeRunOptions) -> Result<()> {
     if let Some(bad) = opts.serve_scales.iter().find(|&&s| !(s.is_finite() && s > 0.0 && s <= manifest::MAX_TASK_SCALE)) {
         return Err(Error::Usage(format!("--serve-scales: {bad} is outside (0, {}]", manifest::MAX_TASK_SCALE)));
     }

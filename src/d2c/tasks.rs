@@ -137,6 +137,11 @@ pub(crate) fn read(opts: &MergeRunOptions, scratch: &mut convert::PeftScratch) -
     Ok((tasks, base_info))
 }
 
+/// The task adapters' files: no candidate may be written over one.
+pub(crate) fn input_paths(tasks: &[Task]) -> Vec<&Path> {
+    tasks.iter().map(|t| t.adapter_path.as_path()).collect()
+}
+
 /// The tasks at `members`, in order.
 pub(crate) fn pick<'t>(tasks: &'t [Task], members: &[usize]) -> Vec<&'t Task> {
     members.iter().map(|&i| &tasks[i]).collect()
