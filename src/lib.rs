@@ -12,8 +12,8 @@
 #![deny(unsafe_code)]
 
 pub use d2c_format::{adapter, base, convert, error, fsutil, ggml_type, gguf, manifest, progress, samples, synth, validate};
-pub use d2c_merge::{cluster, compress, linalg, merge, similarity};
-pub use d2c_runtime::{evaluate, ffi, generate, llama, score};
+pub use d2c_merge::{cluster, compress, interference, linalg, merge, similarity};
+pub use d2c_runtime::{activations, evaluate, ffi, generate, llama, score};
 
 pub mod d2c;
 pub mod objective;

@@ -384,6 +384,11 @@ struct MergeArgs {
     /// --init one, then k-medoids or seeded random partitions; 1 keeps the --init start alone.
     #[arg(long, default_value_t = DEFAULTS.restarts as u64, value_parser = clap::value_parser!(u64).range(1..))]
     restarts: u64,
+    /// How d2c picks the moves it judges each round: `activations` predicts every move from the
+    /// inputs each task's examples give the base model's projections (one forward pass per
+    /// task); `scored` scores every task under every cluster each round (N x K scorings).
+    #[arg(long, default_value_t = DEFAULTS.screen)]
+    screen: d2c_gguf::d2c::Screen,
     /// Seed of random starts and partitions, dare's masks and the randomised SVD.
     #[arg(long, default_value_t = DEFAULTS.seed)]
     seed: u64,
@@ -461,6 +466,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.init = a.init;
     o.rounds = a.rounds;
     o.restarts = a.restarts as usize;
+    o.screen = a.screen;
     o.seed = a.seed;
     o.threads = a.threads;
     o.dtype = a.dtype;

@@ -16,6 +16,7 @@
 mod allocate;
 mod budget;
 mod evaluator;
+mod interference;
 mod options;
 mod publish;
 mod score_cache;
@@ -26,7 +27,7 @@ mod tune;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-pub use options::{Init, MergeRunOptions, Strategy};
+pub use options::{Init, MergeRunOptions, Screen, Strategy};
 pub use search::{apply_moves, move_candidates};
 
 use crate::adapter::LoraAdapter;
@@ -98,14 +99,23 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         let a = allocate::allocate(&mut ev, &inputs)?;
         timings.insert("allocation".to_string(), t.elapsed().as_secs_f64());
         let best_round = a.rounds.len() - 1;
-        Outcome { groups: a.groups, chosen: a.chosen, scales: vec![], rounds: a.rounds, best_round, starts: vec![], rank }
+        Outcome { groups: a.groups, chosen: a.chosen, scales: vec![], rounds: a.rounds, best_round, starts: vec![], predicted: vec![], rank }
     } else {
         let k = match opts.strategy {
             Strategy::Single => 1,
             s if s.keeps_every_task() => n,
             _ => k,
         };
-        let found = search::search(&mut ev, &pool, &baselines, opts, k, rank, &mut timings)?;
+        // The activation model, where D2C refines (it needs 1 < k < n).
+        let model = if opts.strategy == Strategy::D2c && 1 < k && k < n {
+            let t = Instant::now();
+            let m = interference::measure(&ev.scorer, &opts.base, &tasks, opts.threads, opts.progress)?;
+            timings.insert("activations".to_string(), t.elapsed().as_secs_f64());
+            Some(m)
+        } else {
+            None
+        };
+        let found = search::search(&mut ev, &pool, &baselines, opts, k, rank, model.as_ref(), &mut timings)?;
         let groups = crate::cluster::clusters_of(&found.assign, k);
         let t = Instant::now();
         let mut chosen = tune::tune_merges(&mut ev, &pool, &baselines, opts, &groups, rank)?;
@@ -116,7 +126,16 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             budget::allocate_ranks(&mut ev, &pool, &baselines, budget_bytes, rank, &groups, &mut chosen)?;
             timings.insert("rank_allocation".to_string(), t.elapsed().as_secs_f64());
         }
-        Outcome { groups, chosen, scales: vec![], rounds: found.rounds, best_round: found.best_round, starts: found.starts, rank }
+        Outcome {
+            groups,
+            chosen,
+            scales: vec![],
+            rounds: found.rounds,
+            best_round: found.best_round,
+            starts: found.starts,
+            predicted: found.predicted,
+            rank,
+        }
     };
     let t = Instant::now();
     outcome.scales = tune::serve_scales(&mut ev, &pool, &baselines, opts, &outcome.groups, &outcome.chosen)?;

@@ -50,6 +50,21 @@ pub enum Init {
 
 d2c_format::value_names!(Init, "init");
 
+/// How D2C picks the few moves and swaps it judges each round (by re-merging and scoring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Screen {
+    /// The activation model: every task's examples run once through the base model, each
+    /// adapter's delta applied to the inputs its projections see, so the effect of any move
+    /// (the task's own delta inside) is predicted without scoring. The starts are polished
+    /// under it too.
+    Activations,
+    /// Every task scored under every cluster's current adapter each round (N x K scorings,
+    /// the task's own delta absent from the clusters it would join).
+    Scored,
+}
+
+d2c_format::value_names!(Screen, "screen");
+
 #[derive(Debug, Clone)]
 pub struct MergeRunOptions {
     pub base: PathBuf,
@@ -66,6 +81,7 @@ pub struct MergeRunOptions {
     pub rounds: usize,
     /// Starts D2C compares before its rounds (the --init one, then others); 1 = --init only.
     pub restarts: usize,
+    pub screen: Screen,
     pub seed: u64,
     pub threads: Option<i32>,
     pub dtype: DType,
@@ -111,6 +127,7 @@ impl Default for MergeRunOptions {
             init: Init::Kmeans,
             rounds: 6,
             restarts: 4,
+            screen: Screen::Activations,
             seed: 0,
             threads: None,
             dtype: DType::F16,

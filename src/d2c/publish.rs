@@ -12,7 +12,7 @@ use super::options::MergeRunOptions;
 use super::tasks::{pick, Task};
 use crate::base::BaseModel;
 use crate::error::{Error, Result};
-use crate::manifest::{self, AdapterEntry, BaseEntry, Manifest, Objective, Round, ScoringStats, Storage, TaskScores};
+use crate::manifest::{self, AdapterEntry, BaseEntry, InterferenceFit, Manifest, Objective, Round, ScoringStats, Storage, TaskScores};
 use crate::objective::Baselines;
 
 /// What the stages chose.
@@ -25,6 +25,8 @@ pub(crate) struct Outcome {
     pub best_round: usize,
     /// The starts D2C's restarts compared.
     pub starts: Vec<serde_json::Value>,
+    /// (activation model's error, scored regret) per (task, cluster) the search scored.
+    pub predicted: Vec<(f64, f64)>,
     /// The rank merges were made at.
     pub rank: usize,
 }
@@ -166,6 +168,7 @@ pub(crate) fn manifest(
             "init": opts.init.to_string(),
             "rounds": opts.rounds,
             "restarts": opts.restarts,
+            "screen": opts.screen.to_string(),
             "starts": outcome.starts,
             "seed": opts.seed,
             "dtype": opts.dtype.to_string(),
@@ -192,6 +195,11 @@ pub(crate) fn manifest(
             budget_bytes: opts.budget_bytes,
         },
         scoring: ScoringStats { scored_sequences: ev.scored_sequences, cached_sequences: ev.cached_sequences },
+        interference: (!outcome.predicted.is_empty()).then(|| {
+            let (model, scored): (Vec<f64>, Vec<f64>) = outcome.predicted.iter().copied().unzip();
+            let rho = crate::interference::spearman(&model, &scored);
+            InterferenceFit { pairs: model.len(), spearman: rho.is_finite().then_some(rho) }
+        }),
         timings,
     })
 }

@@ -1,6 +1,7 @@
 //! D2C's search for a partition: a start (weight-space k-medoids, or a seeded random one),
-//! other starts compared on their own clusters, then rounds of merge -> score every task under
-//! every cluster -> move tasks, each move judged with the task inside. The best partition seen
+//! other starts (polished under the activation model) compared on their own clusters, then
+//! rounds of merge -> score -> move tasks, the moves picked by the activation model (or by
+//! scoring every task under every cluster) and each judged with the task inside. The best partition seen
 //! is kept, so the search never ends worse on the examples than where it started.
 
 use std::collections::{BTreeMap, HashSet};
@@ -9,11 +10,12 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::evaluator::{Evaluator, Pool};
-use super::options::{Init, MergeRunOptions, Strategy};
+use super::options::{Init, MergeRunOptions, Screen, Strategy};
 use super::tasks::pick;
 use crate::adapter::LoraAdapter;
 use crate::cluster::{self, Assignment};
 use crate::error::Result;
+use crate::interference::Interference;
 use crate::manifest::Round;
 use crate::objective::Baselines;
 use crate::similarity;
@@ -26,9 +28,16 @@ pub(crate) struct Search {
     pub best_round: usize,
     /// The starts the restarts compared (manifest settings), with their objectives.
     pub starts: Vec<serde_json::Value>,
+    /// (activation model's relative error, scored regret) for every distinct (task, merged
+    /// cluster) the search scored: how well the model predicts what scoring finds.
+    pub predicted: Vec<(f64, f64)>,
 }
 
 /// The partition `opts.strategy` asks for, refined by D2C's rounds where it is D2C (1 < k < n).
+/// With `interference` (the activation model) the starts are polished under it and it picks
+/// the moves to judge; without it, or under `--screen scored`, every task is scored under every
+/// cluster each round.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn search(
     ev: &mut Evaluator,
     pool: &Pool<'_>,
@@ -36,6 +45,7 @@ pub(crate) fn search(
     opts: &MergeRunOptions,
     k: usize,
     rank: usize,
+    interference: Option<&Interference>,
     timings: &mut BTreeMap<String, f64>,
 ) -> Result<Search> {
     let tasks = pool.tasks;
@@ -56,44 +66,65 @@ pub(crate) fn search(
 
     let t = Instant::now();
     let refine = opts.strategy == Strategy::D2c && k > 1 && k < n;
+    let model = interference.filter(|_| refine);
+    let scored_screen = opts.screen == Screen::Scored || model.is_none();
+    let mut predicted = Predictions { model, pairs: BTreeMap::new() };
     // Every task's regret under its own cluster of `partition` (only the clusters numbered
     // `changed`, where given), as (task, regret).
-    let own_clusters = |ev: &mut Evaluator, partition: &Assignment, changed: Option<[usize; 2]>| -> Result<Vec<(usize, f64)>> {
-        let mut regrets = Vec::new();
-        for members in cluster::clusters_of(partition, k) {
-            if changed.is_some_and(|ch| !ch.contains(&partition[members[0]])) {
-                continue;
+    let own_clusters =
+        |ev: &mut Evaluator, predicted: &mut Predictions, partition: &Assignment, changed: Option<[usize; 2]>| -> Result<Vec<(usize, f64)>> {
+            let mut regrets = Vec::new();
+            for members in cluster::clusters_of(partition, k) {
+                if changed.is_some_and(|ch| !ch.contains(&partition[members[0]])) {
+                    continue;
+                }
+                let (_, got) = pool.eval(ev, &members, opts.method, 1.0, rank, &pick(tasks, &members))?;
+                for (&i, &g) in members.iter().zip(&got) {
+                    let regret = baselines.regret(i, g);
+                    predicted.note(i, &members, regret);
+                    regrets.push((i, regret));
+                }
             }
-            let (_, got) = pool.eval(ev, &members, opts.method, 1.0, rank, &pick(tasks, &members))?;
-            regrets.extend(members.iter().zip(&got).map(|(&i, &g)| (i, baselines.regret(i, g))));
-        }
-        Ok(regrets)
-    };
+            Ok(regrets)
+        };
     // Restarts: other starts scored on their own members only (K merges, N task scores
     // each, against the N x K of a round), and the rounds refine the best. The objective
-    // ranks partitions far better than it finds them by moving tasks one at a time.
+    // ranks partitions far better than it finds them by moving tasks one at a time. Under
+    // the activation model every start after the first is polished by it first.
     let mut starts = Vec::new();
     if refine && opts.restarts > 1 {
         let mut options: Vec<(String, Assignment)> = vec![(opts.init.to_string(), cluster::canonical(&assign, k))];
+        let mut pending: Vec<(String, Assignment)> = Vec::new();
+        if model.is_some() {
+            pending.push(options[0].clone());
+        } else if opts.init == Init::Random {
+            pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed)));
+        }
         let mut seed = opts.seed;
-        while options.len() < opts.restarts {
-            let start = if opts.init == Init::Random && options.len() == 1 {
-                ("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))
-            } else {
+        let mut tries = 0;
+        while options.len() < opts.restarts && tries < 4 * opts.restarts + 4 {
+            tries += 1;
+            let (name, start) = pending.pop().unwrap_or_else(|| {
                 seed += 1;
                 (format!("random seed {seed}"), cluster::random_partition(n, k, seed))
+            });
+            let (name, start) = match model {
+                Some(m) => (format!("{name}, polished by activations"), m.local_search(&start, k)),
+                None => (name, start),
             };
-            let start = (start.0, cluster::canonical(&start.1, k));
-            if !options.iter().any(|(_, a)| *a == start.1) {
-                options.push(start);
-            } else if seed > opts.seed + 4 * opts.restarts as u64 {
-                break; // few distinct partitions exist
+            let start = cluster::canonical(&start, k);
+            if !options.iter().any(|(_, a)| *a == start) {
+                options.push((name, start));
             }
         }
         let mut best_start: Option<(f64, usize)> = None;
         for (si, (name, start)) in options.iter().enumerate() {
-            let objective = own_clusters(ev, start, None)?.iter().map(|(_, r)| r).sum::<f64>() / n as f64;
-            starts.push(json!({"start": name, "objective": objective}));
+            let objective = own_clusters(ev, &mut predicted, start, None)?.iter().map(|(_, r)| r).sum::<f64>() / n as f64;
+            let mut entry = json!({"start": name, "objective": objective});
+            if let Some(m) = model {
+                entry["activation_error"] = json!(m.partition_error(start, k));
+            }
+            starts.push(entry);
             if best_start.is_none_or(|(b, _)| objective < b - 1e-12) {
                 best_start = Some((objective, si));
             }
@@ -109,13 +140,20 @@ pub(crate) fn search(
         let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
         seen.insert(assign.clone());
         let groups = cluster::clusters_of(&assign, k);
-        // regret[i][c]: task i under cluster c's merged adapter (all pairs when refining).
+        // regret[i][c]: task i under cluster c's merged adapter (every pair under the scored
+        // screen, else each task under its own cluster only).
         let mut regrets = vec![vec![f64::INFINITY; groups.len()]; n];
-        for (c, members) in groups.iter().enumerate() {
-            let scored: Vec<usize> = if refine { (0..n).collect() } else { members.clone() };
-            let (_, got) = pool.eval(ev, members, opts.method, 1.0, rank, &pick(tasks, &scored))?;
-            for (j, &i) in scored.iter().enumerate() {
-                regrets[i][c] = baselines.regret(i, got[j]);
+        if refine && scored_screen {
+            for (c, members) in groups.iter().enumerate() {
+                let (_, got) = pool.eval(ev, members, opts.method, 1.0, rank, &pick(tasks, &(0..n).collect::<Vec<_>>()))?;
+                for i in 0..n {
+                    regrets[i][c] = baselines.regret(i, got[i]);
+                    predicted.note(i, members, regrets[i][c]);
+                }
+            }
+        } else {
+            for (i, regret) in own_clusters(ev, &mut predicted, &assign, None)? {
+                regrets[i][assign[i]] = regret;
             }
         }
         let own_regret: Vec<f64> = (0..n).map(|i| regrets[i][assign[i]]).collect();
@@ -136,34 +174,42 @@ pub(crate) fn search(
         }
         // Every move and swap is judged with the task inside: the clusters it changes
         // re-merged and their members scored (the true change of the objective). The
-        // scores at hand only pick which few to judge.
+        // screen only picks which few to judge.
         let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
-        let change_of = |ev: &mut Evaluator, trial: &Assignment, changed: [usize; 2]| -> Result<f64> {
-            Ok(own_clusters(ev, trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum())
+        let change_of = |ev: &mut Evaluator, predicted: &mut Predictions, trial: &Assignment, changed: [usize; 2]| -> Result<f64> {
+            Ok(own_clusters(ev, predicted, trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum())
+        };
+        let moves = match model.filter(|_| !scored_screen) {
+            Some(m) => predicted_moves(m, &assign, k, MOVE_CANDIDATES),
+            None => move_candidates(&assign, &regrets, MOVE_CANDIDATES),
         };
         let mut measured = Vec::new();
-        for (i, to) in move_candidates(&assign, &regrets, MOVE_CANDIDATES) {
+        for (i, to) in moves {
             let mut trial = assign.clone();
             let from = trial[i];
             trial[i] = to;
             if seen.contains(&cluster::canonical(&trial, k)) {
                 continue;
             }
-            measured.push((change_of(ev, &trial, [from, to])?, i, to));
+            measured.push((change_of(ev, &mut predicted, &trial, [from, to])?, i, to));
         }
         let mut next = cluster::canonical(&apply_moves(&assign, k, &measured), k);
         if next == assign || seen.contains(&next) {
             // No single move helps (a symmetric mix: every task best served at home):
             // swaps of two tasks between clusters, the most promising few.
+            let swaps = match model.filter(|_| !scored_screen) {
+                Some(m) => predicted_swaps(m, &assign, SWAP_CANDIDATES),
+                None => swap_candidates(&assign, &regrets, SWAP_CANDIDATES),
+            };
             let mut best_swap: Option<(f64, Assignment)> = None;
-            for (i, j) in swap_candidates(&assign, &regrets, SWAP_CANDIDATES) {
+            for (i, j) in swaps {
                 let mut trial = assign.clone();
                 trial.swap(i, j);
                 let changed = [trial[i], trial[j]];
                 if seen.contains(&cluster::canonical(&trial, k)) {
                     continue;
                 }
-                let change = change_of(ev, &trial, changed)?;
+                let change = change_of(ev, &mut predicted, &trial, changed)?;
                 if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
                     best_swap = Some((change, cluster::canonical(&trial, k)));
                 }
@@ -182,7 +228,53 @@ pub(crate) fn search(
     pb.finish_and_clear();
     timings.insert("clustering".to_string(), t.elapsed().as_secs_f64());
     let (_, assign, best_round) = best.expect("at least one round");
-    Ok(Search { assign, rounds, best_round, starts })
+    Ok(Search { assign, rounds, best_round, starts, predicted: predicted.pairs.into_values().collect() })
+}
+
+/// What the activation model said of each (task, merged cluster) the search scored, beside the
+/// scored regret; singletons at their own adapter are left out (both are zero).
+struct Predictions<'m> {
+    model: Option<&'m Interference>,
+    pairs: BTreeMap<(usize, Vec<usize>), (f64, f64)>,
+}
+
+impl Predictions<'_> {
+    fn note(&mut self, task: usize, members: &[usize], regret: f64) {
+        if let Some(m) = self.model.filter(|_| members != [task]) {
+            self.pairs.insert((task, members.to_vec()), (m.relative_error(task, members), regret));
+        }
+    }
+}
+
+/// The moves the activation model predicts help most (the task's own delta inside the
+/// cluster it joins, every member of both clusters counted), best first; a cluster never gives
+/// away its last task.
+fn predicted_moves(model: &Interference, assign: &[usize], k: usize, limit: usize) -> Vec<(usize, usize)> {
+    let mut sizes = vec![0usize; k];
+    assign.iter().for_each(|&c| sizes[c] += 1);
+    let mut moves: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, &from) in assign.iter().enumerate() {
+        if sizes[from] > 1 {
+            moves.extend((0..k).filter(|&c| c != from).map(|to| (model.move_change(assign, i, to), i, to)));
+        }
+    }
+    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    moves.into_iter().take(limit).map(|(_, i, to)| (i, to)).collect()
+}
+
+/// The swaps the activation model predicts help most, best first.
+fn predicted_swaps(model: &Interference, assign: &[usize], limit: usize) -> Vec<(usize, usize)> {
+    let n = assign.len();
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            if assign[i] != assign[j] {
+                pairs.push((model.swap_change(assign, i, j), i, j));
+            }
+        }
+    }
+    pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    pairs.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
 }
 
 /// Moves judged exactly per round (both clusters re-merged, their members scored).

@@ -114,6 +114,9 @@ pub struct Manifest {
     pub scores: BTreeMap<String, TaskScores>,
     pub storage: Storage,
     pub scoring: ScoringStats,
+    /// How well D2C's activation model predicted what scoring found, where it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interference: Option<InterferenceFit>,
     /// Wall-clock seconds per stage: the only part that differs between identical runs.
     pub timings: BTreeMap<String, f64>,
 }
@@ -124,6 +127,15 @@ pub struct ScoringStats {
     pub scored_sequences: usize,
     /// Answered from the score cache (same adapter bytes, same examples) instead.
     pub cached_sequences: usize,
+}
+
+/// The activation model's relative error against the scored regret over every distinct (task,
+/// merged cluster) a D2C search scored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InterferenceFit {
+    pub pairs: usize,
+    /// Spearman's rank correlation (null when fewer than two pairs or one side is constant).
+    pub spearman: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

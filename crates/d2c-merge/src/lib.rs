@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod compress;
+pub mod interference;
 pub mod linalg;
 pub mod merge;
 pub mod similarity;

@@ -5,6 +5,7 @@
 //! Every `unsafe` line is in [`ffi`], behind safe functions.
 #![deny(unsafe_code)]
 
+pub mod activations;
 pub mod evaluate;
 pub mod ffi;
 pub mod generate;

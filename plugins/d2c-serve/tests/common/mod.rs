@@ -91,6 +91,7 @@ impl Fixture {
                 budget_bytes: None,
             },
             scoring: ScoringStats { scored_sequences: 0, cached_sequences: 0 },
+            interference: None,
             timings: BTreeMap::new(),
         };
         let manifest = dir.path().join(manifest::FILE_NAME);
