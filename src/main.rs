@@ -389,6 +389,10 @@ struct MergeArgs {
     /// task); `scored` scores every task under every cluster each round (N x K scorings).
     #[arg(long, default_value_t = DEFAULTS.screen)]
     screen: d2c_gguf::d2c::Screen,
+    /// Examples per task the scored screen scores (the first ones; 0 = all of them): it only
+    /// ranks the moves to judge, which are judged on every example.
+    #[arg(long, default_value_t = DEFAULTS.screen_examples)]
+    screen_examples: usize,
     /// Seed of random starts and partitions, dare's masks and the randomised SVD.
     #[arg(long, default_value_t = DEFAULTS.seed)]
     seed: u64,
@@ -467,6 +471,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.rounds = a.rounds;
     o.restarts = a.restarts as usize;
     o.screen = a.screen;
+    o.screen_examples = a.screen_examples;
     o.seed = a.seed;
     o.threads = a.threads;
     o.dtype = a.dtype;

@@ -77,6 +77,22 @@ pub fn render(m: &Manifest) -> String {
         "whole run: {} sequences scored by llama.cpp, {} answered from the cache",
         m.scoring.scored_sequences, m.scoring.cached_sequences
     );
+    if let Some(fit) = &m.interference {
+        let rho = fit.spearman.map_or("undefined".to_string(), |r| format!("{r:.2}"));
+        let _ = writeln!(s, "activation model against the scored regrets: Spearman {rho} over {} (task, cluster) pairs", fit.pairs);
+    }
+    let stages: Vec<String> = m
+        .timings
+        .iter()
+        .filter(|(name, _)| *name != "total")
+        .map(|(name, secs)| match m.peak_memory_mib.get(name) {
+            Some(mib) => format!("{name} {secs:.1} s ({mib:.0} MiB peak)"),
+            None => format!("{name} {secs:.1} s"),
+        })
+        .collect();
+    if !stages.is_empty() {
+        let _ = writeln!(s, "stages: {}", stages.join(", "));
+    }
     if let Some(t) = m.timings.get("total") {
         let _ = writeln!(s, "total time {t:.1} s");
     }

@@ -40,6 +40,12 @@ BYTE_STRATEGIES = ("truncate", "truncate-energy", "allocate")
 # other strategies' results (same settings) stay: 2 = energy sizes below rank 1 in the lower-bit
 # storage types too.
 ALLOCATOR_REVISION = 2
+# Bumped when D2C's search changes (its d2c* rows are measured again, the others stay): 2 = the
+# moves judged are picked by the activation model and the starts polished under it
+# (merge --screen activations); "d2c-scored" is the revision-2 search with the N x K scored
+# screen instead.
+D2C_REVISION = 2
+D2C_STRATEGIES = ("d2c", "d2c-scored", "d2c-bytes", "d2c-rinit", "d2c-nl")
 
 
 def sh(args: list[str]) -> str:
@@ -187,12 +193,14 @@ def run(args: argparse.Namespace) -> None:
         key = f"{set_name}/{strategy}/k{k}/{tag}{seed}/{settings_id}"
         if strategy == "allocate" and ALLOCATOR_REVISION > 1:
             key += f"/a{ALLOCATOR_REVISION}"
+        if strategy in D2C_STRATEGIES and D2C_REVISION > 1:
+            key += f"/d{D2C_REVISION}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = merged_dir(key)
             extra: list = []
             if strategy == "d2c-bytes":
-                ref = done.get(f"{set_name}/d2c/k{seed}/s0/{settings_id}")
+                ref = done.get(f"{set_name}/d2c/k{seed}/s0/{settings_id}" + (f"/d{D2C_REVISION}" if D2C_REVISION > 1 else ""))
                 if ref is None:
                     sys.exit(f"sweep: d2c-bytes at K={k} needs the d2c result at K={seed} first (put d2c in --strategies)")
                 extra = ["--budget-bytes", ref["storage"]["bytes"]]
@@ -201,10 +209,12 @@ def run(args: argparse.Namespace) -> None:
             if strategy == "d2c-rinit":
                 # D2C started from a seeded random partition instead of weight-space k-medoids.
                 extra = ["--init", "random"]
+            if strategy == "d2c-scored":
+                extra = ["--screen", "scored"]
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
-                "--budget", k, "--strategy", "d2c" if strategy in ("d2c-bytes", "d2c-rinit", "d2c-nl") else strategy,
+                "--budget", k, "--strategy", "d2c" if strategy in D2C_STRATEGIES else strategy,
                 "--seed", 0 if strategy == "d2c-bytes" else seed, "--rounds", args.rounds,
                 "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales, *extra,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
@@ -271,10 +281,15 @@ def report(args: argparse.Namespace) -> None:
             parts = r["key"].split("/")  # set/strategy/k/f/settings[/aREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 else 1
             label = "allocate" if revision == ALLOCATOR_REVISION else f"allocate (revision {revision})"
+        if r["strategy"] in D2C_STRATEGIES:
+            parts = r["key"].split("/")  # set/strategy/k/seed/settings[/dREVISION]
+            revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("d") else 1
+            if revision != D2C_REVISION:
+                label += f" (revision {revision})"
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c": 3, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c": 3.5, "d2c-scored": 3.7, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -428,7 +443,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-scored: d2c with merge --screen scored; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--tune-methods", default="svd,ties,dare")

@@ -29,6 +29,11 @@ pub(crate) struct Evaluator {
     pub cached_sequences: usize,
 }
 
+/// Candidates kept loaded in llama.cpp at once: beyond this they are all freed (the base model
+/// reloaded, a fraction of a second) before the next loads, so memory stays bounded however many
+/// candidates a search tries. A few rounds' worth, so the clusters that did not change stay.
+const MAX_LOADED_ADAPTERS: usize = 64;
+
 /// A candidate adapter on disk.
 #[derive(Clone)]
 pub(crate) struct Candidate {
@@ -96,6 +101,10 @@ impl Evaluator {
             Some(c) => Some(match self.loaded.get(&c.hash) {
                 Some(&i) => i,
                 None => {
+                    if self.scorer.loaded_adapters() >= MAX_LOADED_ADAPTERS {
+                        self.scorer.unload_adapters()?;
+                        self.loaded.clear();
+                    }
                     let i = self.scorer.add_adapter(&c.path)?;
                     self.loaded.insert(c.hash.clone(), i);
                     i

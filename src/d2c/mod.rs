@@ -43,7 +43,7 @@ use score_cache::ScoreCache;
 
 pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let started = Instant::now();
-    let mut timings = BTreeMap::new();
+    let mut stages = Stages::default();
     check_options(opts)?;
     let mut peft_scratch = convert::PeftScratch::default();
     let (tasks, base_info) = tasks::read(opts, &mut peft_scratch)?;
@@ -57,12 +57,12 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     }
     let k = max_files.min(n);
     let (rank, compressed) = truncations(opts, &tasks)?;
-    timings.insert("read".to_string(), started.elapsed().as_secs_f64());
+    stages.done("read", started);
 
     let base_hash = manifest::hash_file(&opts.base)?;
     let cpu_kernels = crate::llama::cpu_kernels()?;
     let staging = Staging::new(&opts.out)?;
-    let t = Instant::now();
+    let t = stages.start();
     let mut ev = {
         // Another kernel set scores a little differently: its scores are other cache entries.
         let scoring_id = format!("{base_hash}+{}", &blake3::hash(cpu_kernels.as_bytes()).to_hex()[..16]);
@@ -79,7 +79,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         }
     };
     let (baselines, own) = evaluator::baselines(&mut ev, &tasks, opts.objective, opts.progress)?;
-    timings.insert("score_own_base".to_string(), t.elapsed().as_secs_f64());
+    stages.done("score_own_base", t);
     let compressed: Option<Vec<Candidate>> = match &compressed {
         Some(cut) => Some(cut.iter().map(|a| ev.write_candidate(a, &tasks::input_paths(&tasks))).collect::<Result<_>>()?),
         None => None,
@@ -87,7 +87,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let pool = Pool { tasks: &tasks, own, compressed, density: opts.density, seed: opts.seed };
 
     let mut outcome = if opts.strategy == Strategy::Allocate {
-        let t = Instant::now();
+        let t = stages.start();
         let inputs = allocate::Inputs {
             pool: &pool,
             baselines: &baselines,
@@ -97,7 +97,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             merge_rank: tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(1),
         };
         let a = allocate::allocate(&mut ev, &inputs)?;
-        timings.insert("allocation".to_string(), t.elapsed().as_secs_f64());
+        stages.done("allocation", t);
         let best_round = a.rounds.len() - 1;
         Outcome { groups: a.groups, chosen: a.chosen, scales: vec![], rounds: a.rounds, best_round, starts: vec![], predicted: vec![], rank }
     } else {
@@ -108,23 +108,25 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         };
         // The activation model, where D2C refines (it needs 1 < k < n).
         let model = if opts.strategy == Strategy::D2c && 1 < k && k < n {
-            let t = Instant::now();
+            let t = stages.start();
             let m = interference::measure(&ev.scorer, &opts.base, &tasks, opts.threads, opts.progress)?;
-            timings.insert("activations".to_string(), t.elapsed().as_secs_f64());
+            stages.done("activations", t);
             Some(m)
         } else {
             None
         };
-        let found = search::search(&mut ev, &pool, &baselines, opts, k, rank, model.as_ref(), &mut timings)?;
+        stages.start();
+        let found = search::search(&mut ev, &pool, &baselines, opts, k, rank, model.as_ref(), &mut stages.seconds)?;
+        stages.peak("clustering");
         let groups = crate::cluster::clusters_of(&found.assign, k);
-        let t = Instant::now();
+        let t = stages.start();
         let mut chosen = tune::tune_merges(&mut ev, &pool, &baselines, opts, &groups, rank)?;
-        timings.insert("tuning".to_string(), t.elapsed().as_secs_f64());
+        stages.done("tuning", t);
         // Truncation strategies fitted the bytes already, task by task.
         if let (Some(budget_bytes), false) = (opts.budget_bytes, opts.strategy.keeps_every_task()) {
-            let t = Instant::now();
+            let t = stages.start();
             budget::allocate_ranks(&mut ev, &pool, &baselines, budget_bytes, rank, &groups, &mut chosen)?;
-            timings.insert("rank_allocation".to_string(), t.elapsed().as_secs_f64());
+            stages.done("rank_allocation", t);
         }
         Outcome {
             groups,
@@ -137,14 +139,53 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             rank,
         }
     };
-    let t = Instant::now();
+    let t = stages.start();
     outcome.scales = tune::serve_scales(&mut ev, &pool, &baselines, opts, &outcome.groups, &outcome.chosen)?;
-    timings.insert("serve_scales".to_string(), t.elapsed().as_secs_f64());
+    stages.done("serve_scales", t);
 
     let facts = RunFacts { opts, base_info: &base_info, base_hash, cpu_kernels };
-    let manifest = publish::manifest(&mut ev, &tasks, &baselines, facts, &outcome, timings, started)?;
+    let manifest = publish::manifest(&mut ev, &tasks, &baselines, facts, &outcome, stages, started)?;
     staging.publish(&manifest, &outcome.chosen, &opts.out)?;
     Ok(manifest)
+}
+
+/// Seconds and peak resident memory per stage, for the manifest.
+#[derive(Default)]
+pub(crate) struct Stages {
+    pub seconds: BTreeMap<String, f64>,
+    pub peak_mib: BTreeMap<String, f64>,
+}
+
+impl Stages {
+    /// A stage begins: the clock, and a fresh memory peak.
+    fn start(&self) -> Instant {
+        reset_peak_rss();
+        Instant::now()
+    }
+
+    fn done(&mut self, name: &str, started: Instant) {
+        self.seconds.insert(name.to_string(), started.elapsed().as_secs_f64());
+        self.peak(name);
+    }
+
+    fn peak(&mut self, name: &str) {
+        if let Some(mib) = peak_rss_mib() {
+            self.peak_mib.insert(name.to_string(), mib);
+        }
+    }
+}
+
+/// The most memory the process held resident since the last reset, in MiB (Linux's VmHWM;
+/// None elsewhere).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Starts a new peak: on Linux, writing 5 to clear_refs resets VmHWM to the current size.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// A count (`--budget`), bytes (`--budget-bytes`) or both, as the strategy needs; serve

@@ -82,6 +82,9 @@ pub struct MergeRunOptions {
     /// Starts D2C compares before its rounds (the --init one, then others); 1 = --init only.
     pub restarts: usize,
     pub screen: Screen,
+    /// Examples per task the scored screen uses (the first ones; 0 = all): it only ranks the
+    /// moves to judge, and the judging uses every example.
+    pub screen_examples: usize,
     pub seed: u64,
     pub threads: Option<i32>,
     pub dtype: DType,
@@ -128,6 +131,7 @@ impl Default for MergeRunOptions {
             rounds: 6,
             restarts: 4,
             screen: Screen::Activations,
+            screen_examples: 3,
             seed: 0,
             threads: None,
             dtype: DType::F16,

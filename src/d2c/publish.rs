@@ -88,7 +88,7 @@ pub(crate) fn manifest(
     baselines: &Baselines,
     facts: RunFacts<'_>,
     outcome: &Outcome,
-    mut timings: BTreeMap<String, f64>,
+    stages: super::Stages,
     started: std::time::Instant,
 ) -> Result<Manifest> {
     let opts = facts.opts;
@@ -151,6 +151,7 @@ pub(crate) fn manifest(
     let input_bytes: u64 = tasks.iter().map(|t| std::fs::metadata(&t.adapter_path).map(|m| m.len()).unwrap_or(0)).sum();
     let base_abs = std::fs::canonicalize(&opts.base).map_err(|e| Error::io(&opts.base, e))?;
     let base_bytes = std::fs::metadata(&opts.base).map_err(|e| Error::io(&opts.base, e))?.len();
+    let super::Stages { seconds: mut timings, peak_mib } = stages;
     timings.insert("total".to_string(), started.elapsed().as_secs_f64());
     Ok(Manifest {
         format: manifest::FORMAT.to_string(),
@@ -169,6 +170,7 @@ pub(crate) fn manifest(
             "rounds": opts.rounds,
             "restarts": opts.restarts,
             "screen": opts.screen.to_string(),
+            "screen_examples": opts.screen_examples,
             "starts": outcome.starts,
             "seed": opts.seed,
             "dtype": opts.dtype.to_string(),
@@ -201,6 +203,7 @@ pub(crate) fn manifest(
             InterferenceFit { pairs: model.len(), spearman: rho.is_finite().then_some(rho) }
         }),
         timings,
+        peak_memory_mib: peak_mib,
     })
 }
 

@@ -14,12 +14,21 @@ use crate::samples::{self, Sample};
 use crate::score::CompletionEnd;
 use crate::validate;
 
+#[derive(Clone)]
 pub(crate) struct Task {
     pub name: String,
     pub adapter_path: PathBuf,
     pub adapter: LoraAdapter,
     pub samples: Vec<Sample>,
     pub samples_hash: String,
+}
+
+impl Task {
+    /// The same task with only its first `m` examples (its own cache identity).
+    pub(crate) fn first_examples(&self, m: usize) -> Task {
+        let m = m.min(self.samples.len());
+        Task { samples: self.samples[..m].to_vec(), samples_hash: format!("{}[..{m}]", self.samples_hash), ..self.clone() }
+    }
 }
 
 /// Task names from `DIR/<task>.gguf` (or PEFT directories `DIR/<task>/`) and

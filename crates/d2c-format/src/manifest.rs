@@ -119,6 +119,9 @@ pub struct Manifest {
     pub interference: Option<InterferenceFit>,
     /// Wall-clock seconds per stage: the only part that differs between identical runs.
     pub timings: BTreeMap<String, f64>,
+    /// Peak resident memory of the process during each stage, in MiB (where the OS says).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peak_memory_mib: BTreeMap<String, f64>,
 }
 
 /// Work done by llama.cpp over the whole run (ceilings, floors, rounds and merge tuning).

@@ -118,6 +118,9 @@ impl CaptureState {
         if n_rows != self.n_tokens {
             return Err(format!("the input of {weight} has {n_rows} rows for a batch of {} tokens", self.n_tokens));
         }
+        if x.data.is_null() || n_rows == 0 {
+            return Err(format!("the input of {weight} has no data"));
+        }
         let row_stride = x.nb[1];
         let n_bytes = (n_rows - 1) * row_stride + n_in * 4;
         let mut copied = Vec::new();

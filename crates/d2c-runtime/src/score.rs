@@ -189,6 +189,21 @@ impl Scorer {
         &self.model
     }
 
+    /// Frees every loaded adapter (llama.cpp frees a model's adapters with it, and llama-cpp-2's
+    /// adapter handle has no drop of its own), so a long search's candidates do not pile up in
+    /// memory: the base is loaded again and earlier adapter indices become invalid.
+    pub fn unload_adapters(&mut self) -> Result<()> {
+        self.adapters.clear();
+        let path = self.model.path.clone();
+        self.model = Model::load(&path)?;
+        Ok(())
+    }
+
+    /// How many adapters are loaded now.
+    pub fn loaded_adapters(&self) -> usize {
+        self.adapters.len()
+    }
+
     pub fn options(&self) -> &ScoreOptions {
         &self.opts
     }

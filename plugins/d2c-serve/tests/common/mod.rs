@@ -93,6 +93,7 @@ impl Fixture {
             scoring: ScoringStats { scored_sequences: 0, cached_sequences: 0 },
             interference: None,
             timings: BTreeMap::new(),
+            peak_memory_mib: Default::default(),
         };
         let manifest = dir.path().join(manifest::FILE_NAME);
         std::fs::write(&manifest, m.to_json()).unwrap();
