@@ -384,9 +384,10 @@ struct MergeArgs {
     /// --init one, then k-medoids or seeded random partitions; 1 keeps the --init start alone.
     #[arg(long, default_value_t = DEFAULTS.restarts as u64, value_parser = clap::value_parser!(u64).range(1..))]
     restarts: u64,
-    /// How d2c picks the moves it judges each round: `activations` predicts every move from the
-    /// inputs each task's examples give the base model's projections (one forward pass per
-    /// task); `scored` scores every task under every cluster each round (N x K scorings).
+    /// How d2c picks the moves it judges each round: `scored` scores every task under every
+    /// cluster each round (N x K scorings, on --screen-examples examples); `activations`
+    /// predicts every move from the inputs each task's examples give the base model's
+    /// projections (one forward pass per task, no scoring).
     #[arg(long, default_value_t = DEFAULTS.screen)]
     screen: d2c_gguf::d2c::Screen,
     /// Examples per task the scored screen scores (the first ones; 0 = all of them): it only

@@ -132,26 +132,34 @@ fn check_manifest(out: &Path) -> Manifest {
 #[test]
 fn d2c_recovers_the_groups_from_a_bad_start() {
     let dir = common::tempdir();
-    let out = dir.path().join("out");
     let seed = bad_random_seed().to_string();
-    // One start only: the rounds alone must find the groups.
-    let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "random", "--seed", &seed, "--restarts", "1"], &out);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    let m = check_manifest(&out);
-    let start: BTreeSet<BTreeSet<String>> = m.rounds[0].clusters.iter().map(|c| c.iter().cloned().collect()).collect();
-    assert_ne!(start, true_groups(), "the start must be wrong for this test to mean anything");
-    assert_eq!(groups_of(&m), true_groups(), "rounds: {:?}", m.rounds);
-    assert!(m.objective.best < m.rounds[0].objective, "objective did not improve: {:?}", m.rounds);
-    assert!(m.rounds.len() >= 2);
-    // The report shows every task.
-    for t in m.tasks.keys() {
-        assert!(stdout.contains(t.as_str()), "{stdout}");
-    }
-    // The outputs are real adapters for the base.
-    let base = BaseModel::open(common::base_model()).unwrap();
-    for a in &m.adapters {
-        let problems = d2c_gguf::validate::validate_adapter(&base, &out.join(&a.file));
-        assert!(problems.is_empty(), "{problems:?}");
+    // One start only: the rounds alone must find the groups, whichever screen picks the moves
+    // to judge (the activation model, or every task scored under every cluster).
+    for screen in ["activations", "scored"] {
+        let out = dir.path().join(format!("out-{screen}"));
+        let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "random", "--seed", &seed, "--restarts", "1", "--screen", screen], &out);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let m = check_manifest(&out);
+        assert_eq!(m.settings["screen"], screen);
+        let start: BTreeSet<BTreeSet<String>> = m.rounds[0].clusters.iter().map(|c| c.iter().cloned().collect()).collect();
+        assert_ne!(start, true_groups(), "the start must be wrong for this test to mean anything");
+        assert_eq!(groups_of(&m), true_groups(), "{screen} screen, rounds: {:?}", m.rounds);
+        assert!(m.objective.best < m.rounds[0].objective, "objective did not improve: {:?}", m.rounds);
+        assert!(m.rounds.len() >= 2);
+        // The activation model ran (N forward passes) and was set against what scoring found.
+        let fit = m.interference.as_ref().expect("manifest.interference");
+        assert!(fit.pairs >= 2, "{fit:?}");
+        assert!(m.timings.contains_key("activations"));
+        // The report shows every task.
+        for t in m.tasks.keys() {
+            assert!(stdout.contains(t.as_str()), "{stdout}");
+        }
+        // The outputs are real adapters for the base.
+        let base = BaseModel::open(common::base_model()).unwrap();
+        for a in &m.adapters {
+            let problems = d2c_gguf::validate::validate_adapter(&base, &out.join(&a.file));
+            assert!(problems.is_empty(), "{problems:?}");
+        }
     }
 
     // With restarts (the default) the same bad start is one of several, each scored on its own

@@ -40,12 +40,13 @@ BYTE_STRATEGIES = ("truncate", "truncate-energy", "allocate")
 # other strategies' results (same settings) stay: 2 = energy sizes below rank 1 in the lower-bit
 # storage types too.
 ALLOCATOR_REVISION = 2
-# Bumped when D2C's search changes (its d2c* rows are measured again, the others stay): 2 = the
-# moves judged are picked by the activation model and the starts polished under it
-# (merge --screen activations); "d2c-scored" is the revision-2 search with the N x K scored
-# screen instead.
-D2C_REVISION = 2
-D2C_STRATEGIES = ("d2c", "d2c-scored", "d2c-bytes", "d2c-rinit", "d2c-nl")
+# Bumped when D2C's search changes (its d2c* rows are measured again, the others stay):
+# 2 = the moves judged picked by the activation model, every start polished under it (session
+# 9's first try); 3 = the N x K scored screen on each task's first 3 examples (merge
+# --screen-examples 3, the default), the --init start also polished by the activation model.
+# "d2c-activations" is revision 3 with `--screen activations`.
+D2C_REVISION = 3
+D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl")
 
 
 def sh(args: list[str]) -> str:
@@ -209,8 +210,8 @@ def run(args: argparse.Namespace) -> None:
             if strategy == "d2c-rinit":
                 # D2C started from a seeded random partition instead of weight-space k-medoids.
                 extra = ["--init", "random"]
-            if strategy == "d2c-scored":
-                extra = ["--screen", "scored"]
+            if strategy == "d2c-activations":
+                extra = ["--screen", "activations"]
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
@@ -289,7 +290,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c": 3.5, "d2c-scored": 3.7, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -443,7 +444,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-scored: d2c with merge --screen scored; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--tune-methods", default="svd,ties,dare")

@@ -53,14 +53,15 @@ d2c_format::value_names!(Init, "init");
 /// How D2C picks the few moves and swaps it judges each round (by re-merging and scoring).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Screen {
+    /// Every task scored under every cluster's current adapter each round, on its first
+    /// `--screen-examples` examples (N x K scorings; the task's own delta is absent from the
+    /// clusters it would join, so this only ranks the moves).
+    Scored,
     /// The activation model: every task's examples run once through the base model, each
     /// adapter's delta applied to the inputs its projections see, so the effect of any move
-    /// (the task's own delta inside) is predicted without scoring. The starts are polished
-    /// under it too.
+    /// (the task's own delta inside) is predicted without scoring. About a third faster than
+    /// `scored` at K = 9 of 36, and worse on the quality benchmark (docs/results.md).
     Activations,
-    /// Every task scored under every cluster's current adapter each round (N x K scorings,
-    /// the task's own delta absent from the clusters it would join).
-    Scored,
 }
 
 d2c_format::value_names!(Screen, "screen");
@@ -130,7 +131,7 @@ impl Default for MergeRunOptions {
             init: Init::Kmeans,
             rounds: 6,
             restarts: 4,
-            screen: Screen::Activations,
+            screen: Screen::Scored,
             screen_examples: 3,
             seed: 0,
             threads: None,
