@@ -117,7 +117,8 @@ pub struct Manifest {
     /// How well D2C's activation model predicted what scoring found, where it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interference: Option<InterferenceFit>,
-    /// Wall-clock seconds per stage: the only part that differs between identical runs.
+    /// Wall-clock seconds per stage: with `peak_memory_mib`, the only parts that differ between
+    /// identical runs.
     pub timings: BTreeMap<String, f64>,
     /// Peak resident memory of the process during each stage, in MiB (where the OS says).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -107,13 +107,14 @@ impl FactorStack {
                 }
                 g
             })
-            .reduce(
-                || vec![0f64; n * n],
-                |mut x, y| {
-                    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
-                    x
-                },
-            )
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Summed in target order, not in rayon's split order: the same inputs give the
+            // same bits, so a rerun polishes the same start.
+            .fold(vec![0f64; n * n], |mut total, g| {
+                total.iter_mut().zip(g).for_each(|(x, y)| *x += y);
+                total
+            })
     }
 }
 
