@@ -115,7 +115,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         } else {
             None
         };
-        stages.start();
+        reset_peak_rss(); // search times its own stages
         let found = search::search(&mut ev, &pool, &baselines, opts, k, rank, model.as_ref(), &mut stages.seconds)?;
         stages.peak("clustering");
         let groups = crate::cluster::clusters_of(&found.assign, k);

@@ -279,8 +279,7 @@ fn predicted_moves(model: &Interference, assign: &[usize], k: usize, limit: usiz
             moves.extend((0..k).filter(|&c| c != from).map(|to| (model.move_change(assign, i, to), i, to)));
         }
     }
-    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
-    moves.into_iter().take(limit).map(|(_, i, to)| (i, to)).collect()
+    most_promising(moves, limit)
 }
 
 /// The swaps the activation model predicts help most, best first.
@@ -294,8 +293,7 @@ fn predicted_swaps(model: &Interference, assign: &[usize], limit: usize) -> Vec<
             }
         }
     }
-    pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-    pairs.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
+    most_promising(pairs, limit)
 }
 
 /// Moves judged exactly per round (both clusters re-merged, their members scored).
@@ -321,8 +319,7 @@ pub fn move_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> 
             moves.push((if change.is_finite() { change } else { f64::INFINITY }, i, to));
         }
     }
-    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
-    moves.into_iter().take(limit).map(|(_, i, to)| (i, to)).collect()
+    most_promising(moves, limit)
 }
 
 /// One reassignment step from moves whose objective change was measured exactly (negative =
@@ -352,6 +349,13 @@ pub fn apply_moves(assign: &[usize], k: usize, measured: &[(f64, usize, usize)])
     next
 }
 
+/// The `limit` candidates (change, task, other) with the lowest predicted change, ties broken
+/// by index so runs repeat; the shared tail of every screen.
+fn most_promising(mut candidates: Vec<(f64, usize, usize)>, limit: usize) -> Vec<(usize, usize)> {
+    candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    candidates.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
+}
+
 /// Charges the moves and swaps judged after a round's scores to that round.
 fn record_extra(rounds: &mut [Round], ev: &Evaluator, seq0: usize, cached0: usize) {
     if let Some(last) = rounds.last_mut() {
@@ -378,8 +382,7 @@ fn swap_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<
             }
         }
     }
-    pairs.sort_by(|x, y| x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-    pairs.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
+    most_promising(pairs, limit)
 }
 
 #[cfg(test)]
