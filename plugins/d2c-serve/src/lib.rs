@@ -5,11 +5,14 @@
 //! list. Start-up refuses to serve anything whose bytes differ from what the manifest hashed.
 //!
 //! Modules: [`routes`] (the immutable task -> adapter table), [`upstream`] (the llama-server
-//! child or attached server), [`proxy`] (the HTTP front), [`log`] (one JSON line per event).
+//! child or attached server), [`supervisor`] (generations: live reload and draining),
+//! [`proxy`] (the HTTP front), [`log`] (one JSON line per event).
 
 pub mod log;
 pub mod proxy;
+mod rewrite;
 pub mod routes;
+pub mod supervisor;
 mod sys;
 pub mod upstream;
 
@@ -18,13 +21,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use serde_json::json;
 
 use crate::proxy::{Limits, Proxy};
-use crate::routes::RoutingTable;
-use crate::upstream::{ChildServer, Upstream};
+use crate::supervisor::{Current, Signals, Started, Supervisor};
 
 /// Command line of `d2c-serve`.
 #[derive(Debug, Clone, Parser)]
@@ -46,7 +48,8 @@ pub struct Options {
     /// Port this plugin listens on (0 = any free port; the chosen one is logged).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Loopback port of the child llama-server (0 = any free port).
+    /// Loopback port of the first child llama-server (0 = any free port; a reload's server
+    /// always takes a free port, since it starts beside the one it replaces).
     #[arg(long, default_value_t = 0)]
     pub upstream_port: u16,
     /// Append the child llama-server's stdout/stderr to this file instead of inheriting ours.
@@ -55,6 +58,10 @@ pub struct Options {
     /// Seconds to wait for llama-server to become healthy.
     #[arg(long, default_value_t = 300)]
     pub startup_timeout: u64,
+    /// Seconds a replaced llama-server may keep serving the requests it started (streams
+    /// included) after a reload; it is stopped as soon as they end, and at this limit at latest.
+    #[arg(long, default_value_t = 600)]
+    pub drain_timeout: u64,
     /// Seconds to wait for llama-server's response head (generation included for non-streamed requests).
     #[arg(long, default_value_t = 600)]
     pub request_timeout: u64,
@@ -103,74 +110,35 @@ pub fn runtime(opts: &Options) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-/// Runs until SIGINT/SIGTERM (Ok) or until the child llama-server dies (Err).
+/// Runs until SIGINT/SIGTERM (Ok) or until the current llama-server dies (Err); SIGHUP and
+/// `POST /admin/reload` swap in the manifest's current contents live ([`supervisor`]).
 ///
 /// Must be polled on the thread that lives as long as the process (`Runtime::block_on` on the
-/// main thread): the child's parent-death signal fires when the *thread* that spawned it exits.
+/// main thread): a child's parent-death signal fires when the *thread* that spawned it exits.
 pub async fn run(opts: Options) -> Result<()> {
     opts.check()?;
     let started = Instant::now();
-    // Hash before anything is started: a mismatch must leave no process behind.
-    let table = Arc::new(RoutingTable::load(&opts.manifest)?);
-    log::event(
-        "manifest_verified",
-        json!({
-            "manifest": opts.manifest.display().to_string(),
-            "adapters": table.adapters().len(),
-            "tasks": table.task_count(),
-            "ms": started.elapsed().as_secs_f64() * 1e3,
-        }),
-    );
-
     let client = proxy::upstream_client();
-    // Registered before the child exists so that no signal can kill us between spawn and serve
-    // and leave the child behind.
     let mut signals = Signals::new()?;
 
-    let (upstream, mut child) = match &opts.attach {
-        Some(url) => (Upstream::parse(url)?, None),
-        None => {
-            let program = opts.llama_server.as_ref().expect("clap requires --llama-server without --attach");
-            let port = match opts.upstream_port {
-                0 => upstream::free_loopback_port()?,
-                p => p,
-            };
-            let child = ChildServer::spawn(program, &table, port, &opts.llama_server_args, opts.upstream_log.as_deref())?;
-            let upstream = Upstream::loopback(port);
-            log::event("upstream_started", json!({"pid": child.pid(), "url": upstream.url()}));
-            (upstream, Some(child))
-        }
-    };
-
-    let startup = async {
-        upstream::wait_healthy(&client, &upstream, child.as_mut(), Duration::from_secs(opts.startup_timeout)).await?;
-        upstream::check_adapters(&client, &upstream, &table).await?;
-        if child.is_some() {
-            // `--lora-init-without-apply` still leaves global scales at 1 in this llama-server.
-            upstream::zero_global_scales(&client, &upstream, &table).await?;
-        }
-        anyhow::Ok(())
-    };
-    let startup_result = tokio::select! {
-        r = startup => r,
-        signal = signals.recv() => {
-            log::event("shutdown", json!({"signal": signal, "phase": "startup"}));
-            stop_child(child.as_mut()).await;
+    // Hashes are checked before anything is started: a mismatch leaves no process behind. A
+    // signal during start-up drops the attempt, and with it (ChildServer's Drop) the child.
+    let first = tokio::select! {
+        r = supervisor::start_generation(&opts, &client, 0) => r?,
+        signal = signals.recv_stop("startup") => {
+            log::event("shutdown", json!({"signal": signal.name(), "phase": "startup"}));
             return Ok(());
         }
     };
-    if let Err(e) = startup_result {
-        stop_child(child.as_mut()).await;
-        return Err(e);
-    }
+    let Started { generation, mut child } = first;
 
-    let listener =
-        tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await.with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port));
-    let listener = match listener {
+    let listener = match tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await {
         Ok(l) => l,
         Err(e) => {
-            stop_child(child.as_mut()).await;
-            return Err(e);
+            if let Some(child) = child.as_mut() {
+                child.stop(Duration::from_secs(10)).await;
+            }
+            return Err(anyhow::Error::new(e).context(format!("cannot listen on {}:{}", opts.host, opts.port)));
         }
     };
     let addr: SocketAddr = listener.local_addr()?;
@@ -181,67 +149,19 @@ pub async fn run(opts: Options) -> Result<()> {
         upstream_timeout: Duration::from_secs(opts.request_timeout),
     };
     let mode = if child.is_some() { "child" } else { "attach" };
-    let proxy = Arc::new(Proxy::new(table.clone(), upstream.clone(), client, limits, mode));
     log::event(
         "listening",
         json!({
             "addr": addr.to_string(),
-            "upstream": upstream.url(),
+            "upstream": generation.upstream.url(),
             "mode": mode,
-            "tasks": table.task_count(),
+            "tasks": generation.table.task_count(),
             "startup_ms": started.elapsed().as_secs_f64() * 1e3,
         }),
     );
-
-    let outcome = tokio::select! {
-        r = proxy::serve(listener, proxy, opts.max_connections) => r.context("accept loop failed"),
-        signal = signals.recv() => {
-            log::event("shutdown", json!({"signal": signal, "phase": "serving"}));
-            Ok(())
-        }
-        status = child_exit(child.as_mut()) => {
-            let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-            log::event("upstream_exited", json!({"status": status}));
-            Err(anyhow::anyhow!("llama-server exited unexpectedly ({status}); d2c-serve stops with it (run it under a supervisor to restart both)"))
-        }
-    };
-    stop_child(child.as_mut()).await;
-    outcome
-}
-
-async fn stop_child(child: Option<&mut ChildServer>) {
-    if let Some(child) = child {
-        let pid = child.pid();
-        let status = child.stop(Duration::from_secs(10)).await;
-        log::event("upstream_stopped", json!({"pid": pid, "status": status.map(|s| s.to_string())}));
-    }
-}
-
-async fn child_exit(child: Option<&mut ChildServer>) -> std::io::Result<std::process::ExitStatus> {
-    match child {
-        Some(child) => child.wait().await,
-        None => std::future::pending().await,
-    }
-}
-
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
-        }
-    }
+    let current = Arc::new(Current::new(generation));
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(16);
+    let proxy = Arc::new(Proxy::new(current.clone(), client.clone(), limits, mode, reload_tx));
+    let accept = tokio::spawn(proxy::serve(listener, proxy, opts.max_connections));
+    Supervisor::new(opts, client, current, child).run(&mut signals, &mut reload_rx, accept).await
 }

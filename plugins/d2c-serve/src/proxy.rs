@@ -1,10 +1,12 @@
 //! The HTTP front: parses the task out of each request, sets llama-server's per-request `lora`
 //! list, forwards, and streams the answer back as it comes (SSE included).
 //!
-//! The hot path takes no lock: the routing table is immutable and shared by `Arc`, the upstream
-//! connection pool is hyper's.
+//! The hot path takes no lock: each request holds the generation (routing table + llama-server)
+//! that was current when it arrived, read from an `ArcSwap`; the upstream connection pool is
+//! hyper's. `POST /admin/reload` (loopback peers only) asks the supervisor for a live reload.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,8 +27,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::log;
-use crate::routes::{Route, RoutingTable};
-use crate::upstream::Upstream;
+use crate::rewrite::ModelRewrite;
+use crate::routes::Route;
+use crate::supervisor::{Current, Generation, InFlight, ReloadReply};
 
 pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -56,17 +59,18 @@ pub struct Limits {
 }
 
 pub struct Proxy {
-    table: Arc<RoutingTable>,
-    upstream: Upstream,
+    current: Arc<Current>,
     client: UpstreamClient,
     limits: Limits,
     mode: &'static str,
+    reloads: tokio::sync::mpsc::Sender<ReloadReply>,
 }
 
 /// Which request field names the task.
 #[derive(Clone, Copy)]
 enum TaskField {
-    /// OpenAI-compatible endpoints: `model`, kept in the body (llama-server echoes it back).
+    /// OpenAI-compatible endpoints: `model`, kept in the body; llama-server answers with its
+    /// own model file there, which the answer gets replaced by the task ([`ModelRewrite`]).
     Model,
     /// llama-server's native `/completion`: `task`, removed before forwarding.
     Task,
@@ -97,6 +101,8 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::CONFLICT => "reload_error",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "upstream_error",
             StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT => "invalid_request_error",
@@ -125,15 +131,29 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 const PASSTHROUGH_POST: [&str; 3] = ["/tokenize", "/detokenize", "/apply-template"];
 
 impl Proxy {
-    pub fn new(table: Arc<RoutingTable>, upstream: Upstream, client: UpstreamClient, limits: Limits, mode: &'static str) -> Self {
-        Proxy { table, upstream, client, limits, mode }
+    pub fn new(
+        current: Arc<Current>,
+        client: UpstreamClient,
+        limits: Limits,
+        mode: &'static str,
+        reloads: tokio::sync::mpsc::Sender<ReloadReply>,
+    ) -> Self {
+        Proxy { current, client, limits, mode, reloads }
     }
 
     /// Answers one request; every outcome, errors included, is logged once when its body ends.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    /// The request keeps its generation's llama-server alive until then.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let mut entry = RequestLog { method: req.method().clone(), path: req.uri().path().to_owned(), start: Some(start), ..Default::default() };
-        let mut resp = match self.dispatch(req, &mut entry).await {
+        let hold = self.current.enter();
+        let mut entry = RequestLog {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            start: Some(start),
+            generation: hold.generation().serial,
+            ..Default::default()
+        };
+        let mut resp = match self.dispatch(req, hold.generation(), peer, &mut entry).await {
             Ok(resp) => resp,
             Err(e) => {
                 entry.error = Some(e.message.clone());
@@ -142,20 +162,29 @@ impl Proxy {
         };
         entry.status = resp.status().as_u16();
         entry.head_ms = start.elapsed().as_secs_f64() * 1e3;
-        resp.body_mut().log = Some(entry);
+        let body = resp.body_mut();
+        body.log = Some(entry);
+        body.hold = Some(hold);
         Ok(resp)
     }
 
-    async fn dispatch(&self, req: Request<Incoming>, entry: &mut RequestLog) -> Result<Response<ProxyBody>, ApiError> {
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        gen: &Generation,
+        peer: SocketAddr,
+        entry: &mut RequestLog,
+    ) -> Result<Response<ProxyBody>, ApiError> {
         let path = req.uri().path();
         match (req.method(), path) {
-            (&Method::GET, "/health") => Ok(self.health().await),
-            (&Method::GET, "/v1/models" | "/models") => Ok(json_response(StatusCode::OK, self.table.models_body())),
-            (&Method::POST, "/v1/completions" | "/v1/chat/completions") => self.route_and_forward(req, TaskField::Model, entry).await,
-            (&Method::POST, "/completion") => self.route_and_forward(req, TaskField::Task, entry).await,
-            (&Method::POST, p) if PASSTHROUGH_POST.contains(&p) => self.forward_unchanged(req).await,
-            (&Method::GET, "/props") => self.forward_unchanged(req).await,
-            (_, "/health" | "/v1/models" | "/models" | "/v1/completions" | "/v1/chat/completions" | "/completion" | "/props") => {
+            (&Method::GET, "/health") => Ok(self.health(gen).await),
+            (&Method::GET, "/v1/models" | "/models") => Ok(json_response(StatusCode::OK, gen.table.models_body())),
+            (&Method::POST, "/v1/completions" | "/v1/chat/completions") => self.route_and_forward(req, gen, TaskField::Model, entry).await,
+            (&Method::POST, "/completion") => self.route_and_forward(req, gen, TaskField::Task, entry).await,
+            (&Method::POST, p) if PASSTHROUGH_POST.contains(&p) => self.forward_unchanged(req, gen).await,
+            (&Method::GET, "/props") => self.forward_unchanged(req, gen).await,
+            (&Method::POST, "/admin/reload") => self.reload(peer).await,
+            (_, "/health" | "/v1/models" | "/models" | "/v1/completions" | "/v1/chat/completions" | "/completion" | "/props" | "/admin/reload") => {
                 Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed on {path}", req.method())))
             }
             (_, p) if PASSTHROUGH_POST.contains(&p) => {
@@ -165,7 +194,28 @@ impl Proxy {
         }
     }
 
-    async fn route_and_forward(&self, req: Request<Incoming>, field: TaskField, entry: &mut RequestLog) -> Result<Response<ProxyBody>, ApiError> {
+    /// Waits for the supervisor's reload and answers with the new generation, or 409 with why
+    /// the current one stays.
+    async fn reload(&self, peer: SocketAddr) -> Result<Response<ProxyBody>, ApiError> {
+        if !admin_allowed(peer) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, format!("/admin/reload is accepted from loopback only, not from {}", peer.ip())));
+        }
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let gone = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "d2c-serve is shutting down");
+        self.reloads.send(reply).await.map_err(|_| gone())?;
+        match outcome.await.map_err(|_| gone())? {
+            Ok(summary) => Ok(json_response(StatusCode::OK, Bytes::from(json!({"status": "reloaded", "reload": summary}).to_string()))),
+            Err(why) => Err(ApiError::new(StatusCode::CONFLICT, format!("reload refused, the previous manifest is still served: {why}"))),
+        }
+    }
+
+    async fn route_and_forward(
+        &self,
+        req: Request<Incoming>,
+        gen: &Generation,
+        field: TaskField,
+        entry: &mut RequestLog,
+    ) -> Result<Response<ProxyBody>, ApiError> {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
         let mut json: Value =
@@ -184,14 +234,15 @@ impl Proxy {
                 return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("`{}` must be a string naming a task, got {other}", field.name())))
             }
         };
-        let route = self.table.route(task).map_err(|unknown| ApiError {
+        let table = &gen.table;
+        let route = table.route(task).map_err(|unknown| ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("unknown task {unknown:?}: GET /v1/models lists the tasks of this manifest"),
             task: Some(unknown.to_owned()),
         })?;
         entry.task = task.filter(|t| !t.is_empty()).map(str::to_owned);
-        entry.adapter = self.table.adapter(route).map(|a| a.file.clone());
-        match self.table.lora_field(route) {
+        entry.adapter = table.adapter(route).map(|a| a.file.clone());
+        match table.lora_field(route) {
             // The plugin owns adapter choice: a client's own `lora` is replaced.
             Some(lora) => {
                 object.insert("lora".into(), lora.clone());
@@ -201,7 +252,14 @@ impl Proxy {
             }
         }
         let body = serde_json::to_vec(&json).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let mut resp = self.forward(parts, Bytes::from(body)).await?;
+        let mut resp = self.forward(parts, gen, Bytes::from(body)).await?;
+        if let (TaskField::Model, Some(task)) = (field, &entry.task) {
+            let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if let Some(rewrite) = ModelRewrite::for_content_type(content_type, task) {
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+                resp.body_mut().rewrite = Some(rewrite);
+            }
+        }
         if let Some(task) = &entry.task {
             if let Ok(v) = HeaderValue::from_str(task) {
                 resp.headers_mut().insert(HeaderName::from_static("x-d2c-task"), v);
@@ -212,7 +270,7 @@ impl Proxy {
             Route::Task(_) => entry.adapter.as_deref().and_then(|a| HeaderValue::from_str(a).ok()).unwrap_or(HeaderValue::from_static("?")),
         };
         resp.headers_mut().insert(HeaderName::from_static("x-d2c-adapter"), adapter_header);
-        if let Some(scale) = self.table.scale(route) {
+        if let Some(scale) = table.scale(route) {
             if let Ok(v) = HeaderValue::from_str(&scale.to_string()) {
                 resp.headers_mut().insert(HeaderName::from_static("x-d2c-scale"), v);
             }
@@ -220,10 +278,10 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn forward_unchanged(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    async fn forward_unchanged(&self, req: Request<Incoming>, gen: &Generation) -> Result<Response<ProxyBody>, ApiError> {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
-        self.forward(parts, body).await
+        self.forward(parts, gen, body).await
     }
 
     async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
@@ -241,9 +299,9 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, parts: hyper::http::request::Parts, body: Bytes) -> Result<Response<ProxyBody>, ApiError> {
+    async fn forward(&self, parts: hyper::http::request::Parts, gen: &Generation, body: Bytes) -> Result<Response<ProxyBody>, ApiError> {
         let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri = self.upstream.uri(path_and_query).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad request target: {e}")))?;
+        let uri = gen.upstream.uri(path_and_query).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad request target: {e}")))?;
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri;
@@ -261,7 +319,7 @@ impl Proxy {
                     format!("llama-server gave no answer within {:?} (--request-timeout)", self.limits.upstream_timeout),
                 ))
             }
-            Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("llama-server at {} is unreachable: {e}", self.upstream.url()))),
+            Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("llama-server at {} is unreachable: {e}", gen.upstream.url()))),
             Ok(Ok(resp)) => resp,
         };
         let (mut parts, body) = resp.into_parts();
@@ -272,8 +330,8 @@ impl Proxy {
         Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
     }
 
-    async fn health(&self) -> Response<ProxyBody> {
-        let uri = self.upstream.uri("/health");
+    async fn health(&self, gen: &Generation) -> Response<ProxyBody> {
+        let uri = gen.upstream.uri("/health");
         let probe = async {
             let req = Request::get(uri.ok()?).body(Full::new(Bytes::new())).ok()?;
             let resp = tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await.ok()?.ok()?;
@@ -291,18 +349,28 @@ impl Proxy {
             "plugin": {
                 "status": "ok",
                 "mode": self.mode,
-                "manifest": self.table.manifest().display().to_string(),
-                "tasks": self.table.task_count(),
-                "adapters": self.table.adapters().len(),
+                "manifest": gen.table.manifest().display().to_string(),
+                "generation": gen.serial,
+                "tasks": gen.table.task_count(),
+                "adapters": gen.table.adapters().len(),
             },
             "upstream": {
                 "status": state,
-                "url": self.upstream.url(),
+                "url": gen.upstream.url(),
                 "http_status": upstream_status.map(|s| s.as_u16()),
             },
         });
         let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(status, Bytes::from(body.to_string()))
+    }
+}
+
+/// Reloading changes what every client gets: only a process on this machine may ask.
+fn admin_allowed(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        // An IPv4 client of a dual-stack socket shows up as ::ffff:a.b.c.d.
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
 }
 
@@ -324,7 +392,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, max_connections: us
     loop {
         // Backpressure: when every slot is busy, stop accepting and let the kernel queue clients.
         let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) if is_transient_accept_error(&e) => {
                 log::event("accept_error", json!({"error": e.to_string()}));
@@ -337,7 +405,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, max_connections: us
         let proxy = proxy.clone();
         let header_timeout = proxy.limits.header_timeout;
         tokio::spawn(async move {
-            let service = service_fn(move |req| proxy.clone().handle(req));
+            let service = service_fn(move |req| proxy.clone().handle(req, peer));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -365,6 +433,7 @@ struct RequestLog {
     path: String,
     task: Option<String>,
     adapter: Option<String>,
+    generation: u64,
     status: u16,
     start: Option<Instant>,
     head_ms: f64,
@@ -381,6 +450,7 @@ impl RequestLog {
                 "path": self.path,
                 "task": self.task,
                 "adapter": self.adapter,
+                "generation": self.generation,
                 "status": self.status,
                 "latency_ms": round3(self.head_ms),
                 "total_ms": round3(total_ms),
@@ -406,17 +476,21 @@ enum Inner {
 pub struct ProxyBody {
     inner: Inner,
     log: Option<RequestLog>,
+    /// Dropped after the log line: the generation is released once the response has ended.
+    hold: Option<InFlight>,
+    /// The task as `model` in OpenAI answers; what it still holds is sent when upstream ends.
+    rewrite: Option<ModelRewrite>,
     bytes: u64,
     completed: bool,
 }
 
 impl ProxyBody {
     fn local(body: Bytes) -> Self {
-        ProxyBody { inner: Inner::Local(Full::new(body)), log: None, bytes: 0, completed: false }
+        ProxyBody { inner: Inner::Local(Full::new(body)), log: None, hold: None, rewrite: None, bytes: 0, completed: false }
     }
 
     fn upstream(body: Incoming) -> Self {
-        ProxyBody { inner: Inner::Upstream(body), log: None, bytes: 0, completed: false }
+        ProxyBody { inner: Inner::Upstream(body), log: None, hold: None, rewrite: None, bytes: 0, completed: false }
     }
 }
 
@@ -426,23 +500,40 @@ impl Body for ProxyBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = match &mut this.inner {
-            Inner::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
-            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
-        };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
+        loop {
+            let polled = match &mut this.inner {
+                Inner::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
+                Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+            };
+            let polled = match (polled, &mut this.rewrite) {
+                (Poll::Ready(Some(Ok(frame))), Some(rewrite)) => match frame.into_data() {
+                    // Only whole events (or, for JSON, the whole body) go out: poll on until some.
+                    Ok(data) => match rewrite.push(&data) {
+                        out if out.is_empty() => continue,
+                        out => Poll::Ready(Some(Ok(Frame::data(out)))),
+                    },
+                    Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+                },
+                (Poll::Ready(None), Some(rewrite)) if rewrite.has_pending() => Poll::Ready(Some(Ok(Frame::data(rewrite.finish())))),
+                (polled, _) => polled,
+            };
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.bytes += data.len() as u64;
+                    }
                 }
+                Poll::Ready(None) => this.completed = true,
+                _ => {}
             }
-            Poll::Ready(None) => this.completed = true,
-            _ => {}
+            return polled;
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.rewrite.as_ref().is_some_and(ModelRewrite::has_pending) {
+            return false;
+        }
         match &self.inner {
             Inner::Local(body) => body.is_end_stream(),
             Inner::Upstream(body) => body.is_end_stream(),
@@ -450,6 +541,9 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.rewrite.is_some() {
+            return SizeHint::default();
+        }
         match &self.inner {
             Inner::Local(body) => body.size_hint(),
             Inner::Upstream(body) => body.size_hint(),
@@ -462,6 +556,21 @@ impl Drop for ProxyBody {
         if let Some(entry) = self.log.take() {
             let completed = self.completed || self.is_end_stream();
             entry.emit(self.bytes, completed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_may_reload() {
+        for ok in ["127.0.0.1:5000", "127.8.9.10:1", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            assert!(admin_allowed(ok.parse().unwrap()), "{ok} refused");
+        }
+        for refused in ["10.0.0.2:5000", "192.168.1.7:80", "[2001:db8::1]:5000", "[::ffff:10.0.0.2]:5000", "0.0.0.0:1"] {
+            assert!(!admin_allowed(refused.parse().unwrap()), "{refused} allowed");
         }
     }
 }

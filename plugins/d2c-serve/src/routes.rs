@@ -103,6 +103,20 @@ impl RoutingTable {
         RoutingTable { manifest: manifest_path, base_model, adapters, tasks, routes, lora_for_base, models_body }
     }
 
+    /// A table with no adapters and no tasks, for unit tests of what holds tables.
+    #[cfg(test)]
+    pub(crate) fn empty_for_tests() -> Self {
+        RoutingTable {
+            manifest: PathBuf::from("manifest.json"),
+            base_model: PathBuf::from("base.gguf"),
+            adapters: Vec::new(),
+            tasks: HashMap::new(),
+            routes: Vec::new(),
+            lora_for_base: Value::Array(Vec::new()),
+            models_body: Bytes::new(),
+        }
+    }
+
     /// `None` or an empty name means the base model; an unknown name is `Err(name)`.
     pub fn route<'a>(&self, task: Option<&'a str>) -> Result<Route, &'a str> {
         match task {

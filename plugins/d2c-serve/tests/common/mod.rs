@@ -43,62 +43,78 @@ impl Fixture {
     /// As [`Fixture::new`], with serve scales for some tasks (the manifest's `task_scales`).
     pub fn with_scales(tasks: &[(&str, usize)], n_adapters: usize, scales: &[(&str, f32)]) -> Fixture {
         let dir = d2c_test_assets::tempdir("d2c-serve-test-");
-        let base_path = base_model();
-        let base = BaseModel::open(&base_path).expect("open base model");
-        let mut adapters = Vec::new();
-        let mut entries = Vec::new();
-        let tasks: BTreeMap<String, usize> = tasks.iter().map(|(t, i)| (t.to_string(), *i)).collect();
-        for i in 0..n_adapters {
-            let file = format!("merged-{i}.gguf");
-            let path = dir.path().join(&file);
-            let adapter = synth::random_adapter(&base, &["attn_q", "attn_v", "ffn_down"], 8, 16.0, 0.05, 100 + i as u64).expect("random adapter");
-            let bytes = adapter.write(&path, DType::F16, &[]).expect("write adapter");
-            entries.push(AdapterEntry {
-                file,
-                blake3: manifest::hash_file(&path).unwrap(),
-                bytes,
-                rank: 8,
-                target_ranks: None,
-                dtype: "f16".into(),
-                tasks: tasks.iter().filter(|(_, &a)| a == i).map(|(t, _)| t.clone()).collect(),
-                merge: None,
-            });
-            adapters.push(path);
-        }
-        let m = Manifest {
-            format: manifest::FORMAT.into(),
-            tool: "d2c-serve tests".into(),
-            base: BaseEntry {
-                file: base_path.clone(),
-                blake3: manifest::hash_file(&base_path).unwrap(),
-                architecture: base.architecture.clone(),
-                bytes: std::fs::metadata(&base_path).unwrap().len(),
-            },
-            adapters: entries,
-            tasks: tasks.clone(),
-            task_scales: scales.iter().map(|(t, s)| (t.to_string(), *s)).collect(),
-            settings: json!({}),
-            objective: Objective { initial: 0.0, best: 0.0, best_round: 0 },
-            rounds: vec![],
-            scores: BTreeMap::new(),
-            storage: Storage {
-                bytes: 0,
-                input_bytes: 0,
-                n_inputs: 0,
-                n_outputs: n_adapters,
-                count_fraction: 0.0,
-                byte_fraction: 0.0,
-                budget_bytes: None,
-            },
-            scoring: ScoringStats { scored_sequences: 0, cached_sequences: 0 },
-            interference: None,
-            timings: BTreeMap::new(),
-            peak_memory_mib: Default::default(),
-        };
+        let adapters: Vec<PathBuf> = (0..n_adapters).map(|i| random_adapter_file(dir.path(), i)).collect();
         let manifest = dir.path().join(manifest::FILE_NAME);
-        std::fs::write(&manifest, m.to_json()).unwrap();
+        write_manifest(&manifest, &adapters, tasks, scales);
+        let tasks = tasks.iter().map(|(t, i)| (t.to_string(), *i)).collect();
         Fixture { dir, manifest, adapters, tasks }
     }
+}
+
+/// `merged-{i}.gguf` in `dir`: a random adapter of seed 100 + i (strong enough to change greedy
+/// text, and different from every other i).
+pub fn random_adapter_file(dir: &Path, i: usize) -> PathBuf {
+    let base = BaseModel::open(base_model()).expect("open base model");
+    let path = dir.join(format!("merged-{i}.gguf"));
+    let adapter = synth::random_adapter(&base, &["attn_q", "attn_v", "ffn_down"], 8, 16.0, 0.05, 100 + i as u64).expect("random adapter");
+    adapter.write(&path, DType::F16, &[]).expect("write adapter");
+    path
+}
+
+/// A manifest at `path` serving `adapters` (files beside it, hashed now), task -> index into
+/// `adapters`, with optional serve scales.
+pub fn write_manifest(path: &Path, adapters: &[PathBuf], tasks: &[(&str, usize)], scales: &[(&str, f32)]) {
+    let base_path = base_model();
+    let base = BaseModel::open(&base_path).expect("open base model");
+    let tasks: BTreeMap<String, usize> = tasks.iter().map(|(t, i)| (t.to_string(), *i)).collect();
+    let entries = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, adapter)| AdapterEntry {
+            file: adapter.file_name().unwrap().to_str().unwrap().to_owned(),
+            blake3: manifest::hash_file(adapter).unwrap(),
+            bytes: std::fs::metadata(adapter).unwrap().len(),
+            rank: 8,
+            target_ranks: None,
+            dtype: "f16".into(),
+            tasks: tasks.iter().filter(|(_, &a)| a == i).map(|(t, _)| t.clone()).collect(),
+            merge: None,
+        })
+        .collect();
+    let m = Manifest {
+        format: manifest::FORMAT.into(),
+        tool: "d2c-serve tests".into(),
+        base: BaseEntry {
+            file: base_path.clone(),
+            blake3: manifest::hash_file(&base_path).unwrap(),
+            architecture: base.architecture.clone(),
+            bytes: std::fs::metadata(&base_path).unwrap().len(),
+        },
+        adapters: entries,
+        tasks,
+        task_scales: scales.iter().map(|(t, s)| (t.to_string(), *s)).collect(),
+        settings: json!({}),
+        objective: Objective { initial: 0.0, best: 0.0, best_round: 0 },
+        rounds: vec![],
+        scores: BTreeMap::new(),
+        storage: Storage {
+            bytes: 0,
+            input_bytes: 0,
+            n_inputs: 0,
+            n_outputs: adapters.len(),
+            count_fraction: 0.0,
+            byte_fraction: 0.0,
+            budget_bytes: None,
+        },
+        scoring: ScoringStats { scored_sequences: 0, cached_sequences: 0 },
+        interference: None,
+        timings: BTreeMap::new(),
+        peak_memory_mib: Default::default(),
+    };
+    // Written beside and renamed: a reload reading the path sees the old or the new file whole.
+    let staged = path.with_extension("json.part");
+    std::fs::write(&staged, m.to_json()).unwrap();
+    std::fs::rename(&staged, path).unwrap();
 }
 
 /// The d2c-serve binary, stderr (its JSON log) to a file; SIGTERM + wait on drop.
