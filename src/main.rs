@@ -71,6 +71,45 @@ enum Command {
     /// Cluster N task adapters into K by their examples (D2C) and write the merged adapters
     /// plus manifest.json.
     Merge(Box<MergeArgs>),
+    /// Place a new task into a deployed set: scored under each shipped adapter and under the
+    /// best clusters re-merged with it, it joins the best (or keeps its own adapter where the
+    /// count budget has room). Only the changed adapter file is written anew.
+    Add {
+        /// manifest.json of the deployed set (written by `merge`, `add` or `remove`).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The new task's adapter: a .gguf file or a PEFT directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The new task's examples (JSONL, {"prompt", "completion"} per line).
+        #[arg(long)]
+        samples: PathBuf,
+        /// The task's name (default: the adapter's file or directory name).
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        update: UpdateArgs,
+        /// Most adapters the set may hold (default: the --budget it was merged with); below it
+        /// the task may keep its own adapter.
+        #[arg(long)]
+        budget: Option<usize>,
+        /// Clusters re-merged with the task and judged on their members' examples (the best by
+        /// the task's score under each shipped adapter).
+        #[arg(long, default_value_t = 3)]
+        candidates: usize,
+    },
+    /// Drop a task from a deployed set: its cluster is re-merged without it (or its adapter
+    /// dropped, where it was alone). Only that file changes.
+    Remove {
+        /// manifest.json of the deployed set.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The task to drop.
+        #[arg(long)]
+        task: String,
+        #[command(flatten)]
+        update: UpdateArgs,
+    },
     /// Print the table of a manifest: tasks, their adapter, NLL own / base / merged, storage.
     Report {
         /// manifest.json written by `merge`.
@@ -225,6 +264,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Similarity { files, json } => similarity_cmd(&files, json),
         Command::Merge(args) => merge_cmd(*args),
+        Command::Add { manifest, adapter, samples, task, update, budget, candidates } => {
+            let mut o = update.options(manifest);
+            o.budget = budget;
+            o.candidates = candidates;
+            let m = d2c_gguf::d2c::add(&o, &d2c_gguf::d2c::NewTask { adapter, samples, name: task })?;
+            update.print(&m);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Remove { manifest, task, update } => {
+            let m = d2c_gguf::d2c::remove(&update.options(manifest), &task)?;
+            update.print(&m);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Report { manifest } => {
             let m = d2c_gguf::manifest::Manifest::read(&manifest)?;
             print!("{}", d2c_gguf::report::render(&m));
@@ -340,6 +392,49 @@ fn validate_cmd(base: &PathBuf, files: &[PathBuf]) -> Result<ExitCode> {
         bail!("no adapter files given");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `add` and `remove` share.
+#[derive(clap::Args)]
+struct UpdateArgs {
+    /// Output directory for the updated set (new, or empty unless --force; never the set's own).
+    #[arg(long)]
+    out: PathBuf,
+    /// The base model (default: the manifest's; it must be the file the manifest hashed).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    force: bool,
+    /// CPU threads for llama.cpp (default: every core).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    threads: Option<i32>,
+    /// Score cache (share merge's: what it scored is not scored again).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Print the manifest as JSON instead of the report table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl UpdateArgs {
+    fn options(&self, manifest: PathBuf) -> d2c_gguf::d2c::UpdateOptions {
+        let mut o = d2c_gguf::d2c::UpdateOptions::new(manifest, self.out.clone());
+        o.base = self.base.clone();
+        o.force = self.force;
+        o.threads = self.threads;
+        o.cache = self.cache.clone();
+        o.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        o
+    }
+
+    fn print(&self, manifest: &d2c_gguf::manifest::Manifest) {
+        if self.json {
+            print!("{}", manifest.to_json());
+        } else {
+            print!("{}", d2c_gguf::report::render(manifest));
+        }
+    }
 }
 
 #[derive(clap::Args)]

@@ -533,9 +533,17 @@ fn peft_directories_merge_and_evaluate_exactly_as_their_converted_files() {
     for (x, y) in a.adapters.iter().zip(&b.adapters) {
         assert_eq!(std::fs::read(from_peft.join(&x.file)).unwrap(), std::fs::read(from_files.join(&y.file)).unwrap(), "{}", x.file);
     }
+    // The inputs name what the user gave (a PEFT directory, a file) and hash what was merged:
+    // the same bytes either way.
+    for (task, input) in &a.inputs {
+        assert_eq!(input.adapter, peft.join(task).canonicalize().unwrap());
+        assert_eq!(b.inputs[task].adapter, converted.join(format!("{task}.gguf")).canonicalize().unwrap());
+        assert_eq!(input.adapter_blake3, b.inputs[task].adapter_blake3, "task {task}");
+    }
     for m in [&mut a, &mut b] {
         m.timings.clear();
         m.peak_memory_mib.clear();
+        m.inputs.values_mut().for_each(|input| input.adapter = Default::default());
     }
     assert_eq!(a, b);
     assert_eq!(std::fs::read_dir(peft.join("upper")).unwrap().count(), 2, "the PEFT inputs are left as they were");

@@ -13,7 +13,7 @@ use crate::gguf::Value;
 use crate::manifest::MergeChoice;
 use crate::merge::{self, MergeOptions, Method};
 use crate::objective::{Baselines, ExampleObjective, TaskScore};
-use crate::score::{ScoreJob, Scorer};
+use crate::score::{ScoreJob, ScoreOptions, Scorer};
 
 /// Scores candidate adapters (written to a work dir in the output dtype, so what is scored is
 /// byte for byte what would be shipped) and caches by content hash.
@@ -48,6 +48,35 @@ pub(crate) struct Candidate {
 }
 
 impl Evaluator {
+    /// A scorer on `base` whose scores are cached under `scoring_id` ([`scoring_id`]).
+    pub(crate) fn open(
+        base: &Path,
+        scoring_id: &str,
+        score_opts: ScoreOptions,
+        cache: Option<&Path>,
+        work_dir: PathBuf,
+        dtype: DType,
+        tasks: &[Task],
+    ) -> Result<Evaluator> {
+        Ok(Evaluator {
+            scorer: Scorer::new(base, score_opts)?,
+            cache: ScoreCache::open(cache, scoring_id)?,
+            work_dir,
+            loaded: HashMap::new(),
+            dtype,
+            input_targets: tasks.iter().map(|t| t.adapter.targets.len()).max().unwrap_or(0),
+            scored_sequences: 0,
+            cached_sequences: 0,
+        })
+    }
+
+    /// A shipped adapter file as a candidate (its hash is its cache identity, as when it was
+    /// chosen).
+    pub(crate) fn existing(path: PathBuf, entry: &crate::manifest::AdapterEntry) -> Result<Candidate> {
+        let dtype = entry.dtype.parse().map_err(|e: String| Error::invalid(&path, "dtype", e))?;
+        Ok(Candidate { path, hash: entry.blake3.clone(), bytes: entry.bytes, rank: entry.rank, target_ranks: entry.target_ranks.clone(), dtype })
+    }
+
     pub(crate) fn write_candidate(&self, adapter: &LoraAdapter, inputs: &[&Path]) -> Result<Candidate> {
         self.write_candidate_as(adapter, self.dtype, inputs)
     }
@@ -121,6 +150,12 @@ impl Evaluator {
         }
         Ok(out)
     }
+}
+
+/// Whose scores a cache entry holds: the base's hash and this machine's CPU kernels (another
+/// kernel set scores a little differently: its scores are other entries).
+pub(crate) fn scoring_id(base_hash: &str, cpu_kernels: &str) -> String {
+    format!("{base_hash}+{}", &blake3::hash(cpu_kernels.as_bytes()).to_hex()[..16])
 }
 
 /// What a cluster ships, once chosen: the candidate and, for a merge, how it was made.

@@ -11,7 +11,8 @@
 //!
 //! One file per stage: `options`, `tasks` (read and check), `score_cache`, `evaluator`
 //! (candidates and their scores), `search` (D2C's partition), `tune` (merges and serve
-//! scales), `budget` (ranks under a byte budget), `allocate` (the byte allocator), `publish`.
+//! scales), `budget` (ranks under a byte budget), `allocate` (the byte allocator), `publish`;
+//! and `update` (`add` and `remove`: one task into or out of a deployed set).
 
 mod allocate;
 mod budget;
@@ -23,12 +24,14 @@ mod score_cache;
 mod search;
 mod tasks;
 mod tune;
+mod update;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use options::{Init, MergeRunOptions, Screen, Strategy};
 pub use search::{apply_moves, move_candidates};
+pub use update::{add, remove, NewTask, UpdateOptions};
 
 use crate::adapter::LoraAdapter;
 use crate::compress;
@@ -36,10 +39,9 @@ use crate::convert;
 use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest};
 use crate::merge;
-use crate::score::{ScoreOptions, Scorer};
+use crate::score::ScoreOptions;
 use evaluator::{Candidate, Evaluator, Pool};
 use publish::{Outcome, RunFacts, Staging};
-use score_cache::ScoreCache;
 
 pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let started = Instant::now();
@@ -63,21 +65,16 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let cpu_kernels = crate::llama::cpu_kernels()?;
     let staging = Staging::new(&opts.out)?;
     let t = stages.start();
-    let mut ev = {
-        // Another kernel set scores a little differently: its scores are other cache entries.
-        let scoring_id = format!("{base_hash}+{}", &blake3::hash(cpu_kernels.as_bytes()).to_hex()[..16]);
-        let score_opts = ScoreOptions { threads: opts.threads, progress: false, end: opts.score_end, ..ScoreOptions::default() };
-        Evaluator {
-            scorer: Scorer::new(&opts.base, score_opts)?,
-            cache: ScoreCache::open(opts.cache.as_deref(), &scoring_id)?,
-            work_dir: staging.work_dir(),
-            loaded: HashMap::new(),
-            dtype: opts.dtype,
-            input_targets: tasks.iter().map(|t| t.adapter.targets.len()).max().unwrap_or(0),
-            scored_sequences: 0,
-            cached_sequences: 0,
-        }
-    };
+    let score_opts = ScoreOptions { threads: opts.threads, progress: false, end: opts.score_end, ..ScoreOptions::default() };
+    let mut ev = Evaluator::open(
+        &opts.base,
+        &evaluator::scoring_id(&base_hash, &cpu_kernels),
+        score_opts,
+        opts.cache.as_deref(),
+        staging.work_dir(),
+        opts.dtype,
+        &tasks,
+    )?;
     let (baselines, own) = evaluator::baselines(&mut ev, &tasks, opts.objective, opts.progress)?;
     stages.done("score_own_base", t);
     let compressed: Option<Vec<Candidate>> = match &compressed {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::evaluator::{ClusterEval, Evaluator};
+use super::evaluator::{Candidate, ClusterEval, Evaluator};
 use super::options::MergeRunOptions;
 use super::tasks::{pick, Task};
 use crate::base::BaseModel;
@@ -60,9 +60,16 @@ impl Staging {
     /// Copies the chosen adapters next to the manifest, writes it, and makes the staging
     /// directory `out`.
     pub(crate) fn publish(self, manifest: &Manifest, chosen: &[ClusterEval], out: &Path) -> Result<()> {
-        for (entry, c) in manifest.adapters.iter().zip(chosen) {
-            let dest = self.dir.path().join(&entry.file);
-            std::fs::copy(&c.candidate.path, &dest).map_err(|e| Error::io(&dest, e))?;
+        let files: Vec<(&str, &Path)> =
+            manifest.adapters.iter().zip(chosen).map(|(entry, c)| (entry.file.as_str(), c.candidate.path.as_path())).collect();
+        self.publish_files(manifest, &files, out)
+    }
+
+    /// As [`Self::publish`], each adapter file copied from where it is now: (name, source).
+    pub(crate) fn publish_files(self, manifest: &Manifest, files: &[(&str, &Path)], out: &Path) -> Result<()> {
+        for (name, source) in files {
+            let dest = self.dir.path().join(name);
+            std::fs::copy(source, &dest).map_err(|e| Error::io(&dest, e))?;
         }
         let manifest_path = self.dir.path().join(manifest::FILE_NAME);
         crate::fsutil::write_atomic(&manifest_path, &[], |f| f.write_all(manifest.to_json().as_bytes()))?;
@@ -70,6 +77,46 @@ impl Staging {
         std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
         publish(self.dir, out)
     }
+}
+
+/// Every member of cluster `c` scored under `candidate` at its serve scale (`scales` by task),
+/// as the manifest reports it.
+pub(crate) fn cluster_scores(
+    ev: &mut Evaluator,
+    tasks: &[Task],
+    baselines: &Baselines,
+    c: usize,
+    members: &[usize],
+    candidate: &Candidate,
+    scales: &[f32],
+) -> Result<Vec<(usize, TaskScores)>> {
+    let mut out = Vec::with_capacity(members.len());
+    // One scoring call per scale in the cluster: they batch (and most are cached).
+    let mut cluster_scales: Vec<f32> = members.iter().map(|&i| scales[i]).collect();
+    cluster_scales.sort_by(f32::total_cmp);
+    cluster_scales.dedup();
+    for scale in cluster_scales {
+        let at: Vec<usize> = members.iter().copied().filter(|&i| scales[i] == scale).collect();
+        let got = ev.scores_at(Some(candidate), scale, &pick(tasks, &at))?;
+        for (&i, &got) in at.iter().zip(&got) {
+            out.push((
+                i,
+                TaskScores {
+                    adapter: c,
+                    nll_own: baselines.own[i].nll,
+                    nll_base: baselines.base[i].nll,
+                    nll_merged: got.nll,
+                    exact_own: baselines.own[i].exact,
+                    exact_base: baselines.base[i].exact,
+                    exact_merged: got.exact,
+                    regret: baselines.regret(i, got),
+                    examples: tasks[i].samples.len(),
+                    tokens: baselines.tokens[i],
+                },
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// How the run was set up, for the manifest.
@@ -94,40 +141,16 @@ pub(crate) fn manifest(
     let opts = facts.opts;
     let n = tasks.len();
     let mut scores = BTreeMap::new();
-    let mut final_regret = 0.0;
     let mut task_to_adapter = BTreeMap::new();
     let mut task_scales = BTreeMap::new();
     for (c, members) in outcome.groups.iter().enumerate() {
-        // One scoring call per scale in the cluster: they batch (and most are cached).
-        let mut cluster_scales: Vec<f32> = members.iter().map(|&i| outcome.scales[i]).collect();
-        cluster_scales.sort_by(f32::total_cmp);
-        cluster_scales.dedup();
-        for scale in cluster_scales {
-            let at: Vec<usize> = members.iter().copied().filter(|&i| outcome.scales[i] == scale).collect();
-            let got = ev.scores_at(Some(&outcome.chosen[c].candidate), scale, &pick(tasks, &at))?;
-            for (&i, &got) in at.iter().zip(&got) {
-                let r = baselines.regret(i, got);
-                final_regret += r;
-                task_to_adapter.insert(tasks[i].name.clone(), c);
-                task_scales.insert(tasks[i].name.clone(), scale);
-                scores.insert(
-                    tasks[i].name.clone(),
-                    TaskScores {
-                        adapter: c,
-                        nll_own: baselines.own[i].nll,
-                        nll_base: baselines.base[i].nll,
-                        nll_merged: got.nll,
-                        exact_own: baselines.own[i].exact,
-                        exact_base: baselines.base[i].exact,
-                        exact_merged: got.exact,
-                        regret: r,
-                        examples: tasks[i].samples.len(),
-                        tokens: baselines.tokens[i],
-                    },
-                );
-            }
+        for (i, got) in cluster_scores(ev, tasks, baselines, c, members, &outcome.chosen[c].candidate, &outcome.scales)? {
+            task_to_adapter.insert(tasks[i].name.clone(), c);
+            task_scales.insert(tasks[i].name.clone(), outcome.scales[i]);
+            scores.insert(tasks[i].name.clone(), got);
         }
     }
+    let final_regret: f64 = scores.values().map(|s| s.regret).sum();
     // A set where every scale is 1 reads as one written before scales existed.
     if task_scales.values().all(|&s| s == 1.0) {
         task_scales.clear();
@@ -204,6 +227,8 @@ pub(crate) fn manifest(
         }),
         timings,
         peak_memory_mib: peak_mib,
+        inputs: super::tasks::input_entries(tasks)?,
+        lineage: Vec::new(),
     })
 }
 

@@ -17,7 +17,11 @@ use crate::validate;
 #[derive(Clone)]
 pub(crate) struct Task {
     pub name: String,
+    /// What the user gave: the `.gguf` file or the PEFT directory.
+    pub source_path: PathBuf,
+    /// The GGUF file read (for a PEFT directory, its conversion).
     pub adapter_path: PathBuf,
+    pub samples_path: PathBuf,
     pub adapter: LoraAdapter,
     pub samples: Vec<Sample>,
     pub samples_hash: String,
@@ -114,23 +118,33 @@ fn check_out_dir(opts: &MergeRunOptions) -> Result<()> {
 pub(crate) fn read(opts: &MergeRunOptions, scratch: &mut convert::PeftScratch) -> Result<(Vec<Task>, BaseModel)> {
     check_out_dir(opts)?;
     let discovered = discover(&opts.adapters_dir, &opts.samples_dir)?;
-    let base_info = BaseModel::open(&opts.base)?;
-    let mut found = Vec::with_capacity(discovered.len());
-    for (task, source, samples_path) in discovered {
-        let file = scratch.file(&task, &source, &opts.base)?;
-        found.push((task, file, samples_path));
+    read_listed(&opts.base, discovered, opts.score_end, scratch)
+}
+
+/// As [`read`], for tasks named one by one (`add`, `remove`): (task, adapter, examples).
+pub(crate) fn read_listed(
+    base: &Path,
+    listed: Vec<(String, AdapterSource, PathBuf)>,
+    score_end: CompletionEnd,
+    scratch: &mut convert::PeftScratch,
+) -> Result<(Vec<Task>, BaseModel)> {
+    let base_info = BaseModel::open(base)?;
+    let mut found = Vec::with_capacity(listed.len());
+    for (task, source, samples_path) in listed {
+        let file = scratch.file(&task, &source, base)?;
+        found.push((task, source.path().to_path_buf(), file, samples_path));
     }
     let mut problems = Vec::new();
-    for (task, adapter_path, _) in &found {
+    for (task, _, adapter_path, _) in &found {
         for p in validate::validate_adapter(&base_info, adapter_path) {
             problems.push(format!("task {task}: {p}"));
         }
     }
     if !problems.is_empty() {
-        return Err(Error::Usage(format!("input adapters do not fit the base model {}:\n{}", opts.base.display(), problems.join("\n"))));
+        return Err(Error::Usage(format!("input adapters do not fit the base model {}:\n{}", base.display(), problems.join("\n"))));
     }
     let mut tasks = Vec::new();
-    for (name, adapter_path, samples_path) in found {
+    for (name, source_path, adapter_path, samples_path) in found {
         let adapter = LoraAdapter::read(&adapter_path)?;
         let samples = samples::read_samples(&samples_path)?;
         if samples.is_empty() {
@@ -138,12 +152,31 @@ pub(crate) fn read(opts: &MergeRunOptions, scratch: &mut convert::PeftScratch) -
         }
         let mut samples_hash = manifest::hash_file(&samples_path)?;
         // Cached scores are keyed by this: the same examples scored with their end are others.
-        if opts.score_end != CompletionEnd::None {
-            samples_hash = format!("{samples_hash}+end-{}", opts.score_end);
+        if score_end != CompletionEnd::None {
+            samples_hash = format!("{samples_hash}+end-{score_end}");
         }
-        tasks.push(Task { name, adapter_path, adapter, samples, samples_hash });
+        tasks.push(Task { name, source_path, adapter_path, samples_path, adapter, samples, samples_hash });
     }
     Ok((tasks, base_info))
+}
+
+/// Where each task came from, with the hashes `add` and `remove` check before re-merging.
+pub(crate) fn input_entries(tasks: &[Task]) -> Result<BTreeMap<String, manifest::InputEntry>> {
+    let absolute = |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, e));
+    tasks
+        .iter()
+        .map(|t| {
+            Ok((
+                t.name.clone(),
+                manifest::InputEntry {
+                    adapter: absolute(&t.source_path)?,
+                    adapter_blake3: manifest::hash_file(&t.adapter_path)?,
+                    samples: absolute(&t.samples_path)?,
+                    samples_blake3: manifest::hash_file(&t.samples_path)?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// The task adapters' files: no candidate may be written over one.

@@ -73,47 +73,58 @@ pub(crate) fn serve_scales(
     chosen: &[ClusterEval],
 ) -> Result<Vec<f32>> {
     let mut scales = vec![1.0f32; pool.tasks.len()];
+    let shared: Vec<usize> = (0..groups.len()).filter(|&c| groups[c].len() > 1).collect();
+    if opts.serve_scales.iter().all(|&s| s == 1.0) || shared.is_empty() {
+        return Ok(scales);
+    }
+    let pb = crate::progress::bar(opts.progress, shared.len() as u64, "serve scales");
+    for c in shared {
+        let members = &groups[c];
+        for (&i, s) in members.iter().zip(climb_scales(ev, pool, baselines, opts, members, &chosen[c].candidate)?) {
+            scales[i] = s;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(scales)
+}
+
+/// The serve scale of each of `members` on `candidate` (the climb [`serve_scales`] describes).
+pub(crate) fn climb_scales(
+    ev: &mut Evaluator,
+    pool: &Pool<'_>,
+    baselines: &Baselines,
+    opts: &MergeRunOptions,
+    members: &[usize],
+    candidate: &Candidate,
+) -> Result<Vec<f32>> {
     let mut up: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s > 1.0).collect();
     up.sort_by(f32::total_cmp);
     up.dedup();
     let mut down: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s < 1.0).collect();
     down.sort_by(|a, b| b.total_cmp(a));
     down.dedup();
-    let shared: Vec<usize> = (0..groups.len()).filter(|&c| groups[c].len() > 1).collect();
-    if (up.is_empty() && down.is_empty()) || shared.is_empty() {
-        return Ok(scales);
-    }
-    let pb = crate::progress::bar(opts.progress, shared.len() as u64, "serve scales");
-    for c in shared {
-        let members = &groups[c];
-        let candidate = &chosen[c].candidate;
-        let at_one = ev.scores(Some(candidate), &pick(pool.tasks, members))?;
-        let mut best: Vec<(f64, f32)> = members.iter().zip(&at_one).map(|(&i, &g)| (baselines.regret(i, g), 1.0)).collect();
-        for ladder in [&up, &down] {
-            // Going down only for the tasks going up left at 1.
-            let mut climbing: Vec<usize> = (0..members.len()).filter(|&m| best[m].1 == 1.0).collect();
-            for &s in ladder.iter() {
-                if climbing.is_empty() {
-                    break;
-                }
-                let at: Vec<usize> = climbing.iter().map(|&m| members[m]).collect();
-                let got = ev.scores_at(Some(candidate), s, &pick(pool.tasks, &at))?;
-                let mut still = Vec::new();
-                for (&m, &g) in climbing.iter().zip(&got) {
-                    let r = baselines.regret(members[m], g);
-                    if r < best[m].0 - 1e-12 {
-                        best[m] = (r, s);
-                        still.push(m);
-                    }
-                }
-                climbing = still;
+    let at_one = ev.scores(Some(candidate), &pick(pool.tasks, members))?;
+    let mut best: Vec<(f64, f32)> = members.iter().zip(&at_one).map(|(&i, &g)| (baselines.regret(i, g), 1.0)).collect();
+    for ladder in [&up, &down] {
+        // Going down only for the tasks going up left at 1.
+        let mut climbing: Vec<usize> = (0..members.len()).filter(|&m| best[m].1 == 1.0).collect();
+        for &s in ladder.iter() {
+            if climbing.is_empty() {
+                break;
             }
+            let at: Vec<usize> = climbing.iter().map(|&m| members[m]).collect();
+            let got = ev.scores_at(Some(candidate), s, &pick(pool.tasks, &at))?;
+            let mut still = Vec::new();
+            for (&m, &g) in climbing.iter().zip(&got) {
+                let r = baselines.regret(members[m], g);
+                if r < best[m].0 - 1e-12 {
+                    best[m] = (r, s);
+                    still.push(m);
+                }
+            }
+            climbing = still;
         }
-        for (m, &i) in members.iter().enumerate() {
-            scales[i] = best[m].1;
-        }
-        pb.inc(1);
     }
-    pb.finish_and_clear();
-    Ok(scales)
+    Ok(best.into_iter().map(|(_, s)| s).collect())
 }

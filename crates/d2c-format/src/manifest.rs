@@ -123,6 +123,45 @@ pub struct Manifest {
     /// Peak resident memory of the process during each stage, in MiB (where the OS says).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub peak_memory_mib: BTreeMap<String, f64>,
+    /// task -> the adapter and examples it was merged from, so that `add` and `remove` can
+    /// re-merge a cluster later (absent in manifests from before they existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, InputEntry>,
+    /// What `add` and `remove` changed since `merge` wrote the set, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lineage: Vec<Change>,
+}
+
+/// Where one task came from, with hashes that tell a changed input.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputEntry {
+    /// The `.gguf` file or PEFT directory, absolute.
+    pub adapter: PathBuf,
+    /// blake3 of the GGUF adapter as merged (for a PEFT directory: as `convert` writes it).
+    pub adapter_blake3: String,
+    pub samples: PathBuf,
+    pub samples_blake3: String,
+}
+
+/// One update of a deployed set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Change {
+    /// `add` or `remove`.
+    pub change: String,
+    pub task: String,
+    /// blake3 of the manifest.json this one was made from.
+    pub previous_manifest_blake3: String,
+    /// How the task was placed (`add`: `joined`, `re-merged` or `own`) or its cluster left
+    /// (`remove`: `re-merged` or `dropped`).
+    pub placement: String,
+    /// The adapter files written (others are byte-identical to the previous set's), and those
+    /// no longer in the set.
+    pub written: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    pub scored_sequences: usize,
+    pub cached_sequences: usize,
+    pub seconds: f64,
 }
 
 /// Work done by llama.cpp over the whole run (ceilings, floors, rounds and merge tuning).

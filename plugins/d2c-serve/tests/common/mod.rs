@@ -110,6 +110,8 @@ pub fn write_manifest(path: &Path, adapters: &[PathBuf], tasks: &[(&str, usize)]
         interference: None,
         timings: BTreeMap::new(),
         peak_memory_mib: Default::default(),
+        inputs: Default::default(),
+        lineage: Vec::new(),
     };
     // Written beside and renamed: a reload reading the path sees the old or the new file whole.
     let staged = path.with_extension("json.part");
