@@ -96,5 +96,14 @@ pub fn render(m: &Manifest) -> String {
     if let Some(t) = m.timings.get("total") {
         let _ = writeln!(s, "total time {t:.1} s");
     }
+    for c in &m.lineage {
+        let files = if c.written.is_empty() { "no file written".to_string() } else { format!("wrote {}", c.written.join(", ")) };
+        let removed = if c.removed.is_empty() { String::new() } else { format!(", removed {}", c.removed.join(", ")) };
+        let _ = writeln!(
+            s,
+            "then {} {}: {} ({files}{removed}; {} sequences scored, {} cached, {:.1} s)",
+            c.change, c.task, c.placement, c.scored_sequences, c.cached_sequences, c.seconds
+        );
+    }
     s
 }

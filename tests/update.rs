@@ -15,6 +15,18 @@ fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set")
 }
 
+/// Copies of some of the demo set's tasks under `dir`: (adapters dir, samples dir).
+fn demo_subset(dir: &Path, tasks: &[&str]) -> (PathBuf, PathBuf) {
+    let (adapters, samples) = (dir.join("adapters"), dir.join("samples"));
+    std::fs::create_dir_all(&adapters).unwrap();
+    std::fs::create_dir_all(&samples).unwrap();
+    for task in tasks {
+        std::fs::copy(demo().join(format!("adapters/{task}.gguf")), adapters.join(format!("{task}.gguf"))).unwrap();
+        std::fs::copy(demo().join(format!("samples/{task}.jsonl")), samples.join(format!("{task}.jsonl"))).unwrap();
+    }
+    (adapters, samples)
+}
+
 /// Adapter file name -> bytes, for every adapter of the set at `dir`.
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let m = Manifest::read(&dir.join("manifest.json")).unwrap();
@@ -37,13 +49,7 @@ fn refused(args: &[&str]) -> String {
 #[test]
 fn add_writes_one_file_and_remove_gives_the_merged_set_back() {
     let dir = tempdir();
-    let (adapters, samples) = (dir.path().join("adapters"), dir.path().join("samples"));
-    std::fs::create_dir_all(&adapters).unwrap();
-    std::fs::create_dir_all(&samples).unwrap();
-    for task in ["arith-add", "arith-mul", "case-kebab"] {
-        std::fs::copy(demo().join(format!("adapters/{task}.gguf")), adapters.join(format!("{task}.gguf"))).unwrap();
-        std::fs::copy(demo().join(format!("samples/{task}.jsonl")), samples.join(format!("{task}.jsonl"))).unwrap();
-    }
+    let (adapters, samples) = demo_subset(dir.path(), &["arith-add", "arith-mul", "case-kebab"]);
     let base = base_model();
     let cache = dir.path().join("cache");
     let (merged, added, removed) = (dir.path().join("merged"), dir.path().join("added"), dir.path().join("removed"));
@@ -148,13 +154,7 @@ fn add_writes_one_file_and_remove_gives_the_merged_set_back() {
 #[test]
 fn updates_refuse_what_would_not_give_the_set_back() {
     let dir = tempdir();
-    let (adapters, samples) = (dir.path().join("adapters"), dir.path().join("samples"));
-    std::fs::create_dir_all(&adapters).unwrap();
-    std::fs::create_dir_all(&samples).unwrap();
-    for task in ["arith-add", "case-kebab"] {
-        std::fs::copy(demo().join(format!("adapters/{task}.gguf")), adapters.join(format!("{task}.gguf"))).unwrap();
-        std::fs::copy(demo().join(format!("samples/{task}.jsonl")), samples.join(format!("{task}.jsonl"))).unwrap();
-    }
+    let (adapters, samples) = demo_subset(dir.path(), &["arith-add", "case-kebab"]);
     let base = base_model();
     let merged = dir.path().join("merged");
     ok(&[

@@ -158,6 +158,12 @@ def run(args: argparse.Namespace) -> None:
     once(f"{set_name}/own/{args.max_tokens}", lambda: reference("own"))
     once(f"{set_name}/base/{args.max_tokens}", lambda: reference("base"))
 
+    def evaluate_set(out: Path) -> tuple[dict, dict, float]:
+        """A merged set's manifest, its held-out evaluation, and the seconds that took."""
+        t = time.time()
+        ev = evaluate(root / "test", ["--manifest", out / "manifest.json", "--max-tokens", str(args.max_tokens)], args.threads)
+        return json.loads((out / "manifest.json").read_text()), ev, time.time() - t
+
     configs = []
     for k in parse_ks(args.ks, n):
         for strategy in args.strategies.split(","):
@@ -220,9 +226,7 @@ def run(args: argparse.Namespace) -> None:
                 "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales, *extra,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
             merge_seconds = time.time() - t
-            manifest = json.loads((out / "manifest.json").read_text())
-            t = time.time()
-            ev = evaluate(root / "test", ["--manifest", out / "manifest.json", "--max-tokens", str(args.max_tokens)], args.threads)
+            manifest, ev, eval_seconds = evaluate_set(out)
             return {
                 "set": set_name,
                 "strategy": strategy,
@@ -230,7 +234,7 @@ def run(args: argparse.Namespace) -> None:
                 "seed": seed,
                 "settings": merge_settings,
                 "merge_seconds": merge_seconds,
-                "eval_seconds": time.time() - t,
+                "eval_seconds": eval_seconds,
                 "storage": manifest["storage"],
                 "objective": manifest["objective"],
                 "rounds": [{"objective": r["objective"], "scored_sequences": r["scored_sequences"]} for r in manifest["rounds"]],
@@ -241,6 +245,58 @@ def run(args: argparse.Namespace) -> None:
             }
 
         once(key, make)
+
+    # Issue 19: D2C on every task but one, then `add` of that one, against the full rerun (the
+    # d2c row at the same K). Its own score cache, so that neither step reuses the full run's
+    # scores: the times are what a user updating a deployed set would see.
+    if "d2c-add" in args.strategies.split(","):
+        held = args.add_task
+        if held not in tasks:
+            sys.exit(f"sweep: --add-task {held} is not a task of the set")
+        rest = root.parent / f"{set_name}-without-{held}"
+        for sub, ext in (("adapters", "gguf"), ("samples", "jsonl")):
+            (rest / sub).mkdir(parents=True, exist_ok=True)
+            for t in tasks:
+                link = rest / sub / f"{t}.{ext}"
+                if t != held and not link.is_symlink():
+                    link.symlink_to(root / sub / f"{t}.{ext}")
+        for k in [k for k in parse_ks(args.ks, n) if k > 1]:
+            key = f"{set_name}/d2c-add/k{k}/{held}/{settings_id}/d{D2C_REVISION}"
+
+            def make_add(k=k, key=key) -> dict:
+                cache = SWEEP / "score-cache-add" / key.replace("/", "-")
+                before, after = merged_dir(key + "/before"), merged_dir(key)
+                t = time.time()
+                sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", rest / "adapters", "--samples", rest / "samples",
+                    "--budget", k, "--strategy", "d2c", "--seed", 0, "--rounds", args.rounds,
+                    "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales,
+                    "--threads", args.threads, "--cache", cache, "--out", before, "--force"])
+                before_seconds = time.time() - t
+                t = time.time()
+                sh([BIN, "add", "--manifest", before / "manifest.json", "--adapter", root / "adapters" / f"{held}.gguf",
+                    "--samples", root / "samples" / f"{held}.jsonl", "--threads", args.threads, "--cache", cache, "--out", after, "--force"])
+                add_seconds = time.time() - t
+                manifest, ev, eval_seconds = evaluate_set(after)
+                return {
+                    "set": set_name,
+                    "strategy": "d2c-add",
+                    "k": k,
+                    "seed": 0,
+                    "added": held,
+                    "settings": merge_settings,
+                    # The update's cost; the merge of the other tasks it started from apart.
+                    "merge_seconds": add_seconds,
+                    "before_merge_seconds": before_seconds,
+                    "eval_seconds": eval_seconds,
+                    "storage": manifest["storage"],
+                    "objective": manifest["objective"],
+                    "lineage": manifest["lineage"],
+                    "clusters": [a["tasks"] for a in manifest["adapters"]],
+                    "scoring": manifest["scoring"],
+                    "eval": ev,
+                }
+
+            once(key, make_add)
     log(f"sweep: {len(done)} results in {RESULTS}")
 
 
@@ -290,7 +346,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -444,8 +500,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
     r.add_argument("--random-seeds", type=int, default=3)
+    r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add`")
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--tune-methods", default="svd,ties,dare")
     r.add_argument("--tune-scales", default="1,1.25,1.5")
