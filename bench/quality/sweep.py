@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> None:
     configs = []
     for k in parse_ks(args.ks, n):
         for strategy in args.strategies.split(","):
-            if strategy in BYTE_STRATEGIES:
-                continue  # by --fractions, below
+            if strategy in BYTE_STRATEGIES or strategy == "d2c-add":
+                continue  # by --fractions, and after the others
             if strategy == "single":
                 if k == 1:
                     configs.append(("single", 1, 0))
