@@ -302,26 +302,43 @@ impl Proxy {
     async fn forward(&self, parts: hyper::http::request::Parts, gen: &Generation, body: Bytes) -> Result<Response<ProxyBody>, ApiError> {
         let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let uri = gen.upstream.uri(path_and_query).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad request target: {e}")))?;
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = parts.method;
-        *req.uri_mut() = uri;
-        let headers = req.headers_mut();
-        for (name, value) in &parts.headers {
-            if !is_hop_by_hop(name) && name != header::HOST && name != header::CONTENT_LENGTH {
-                headers.append(name.clone(), value.clone());
+        let request = || {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri.clone();
+            let headers = req.headers_mut();
+            for (name, value) in &parts.headers {
+                if !is_hop_by_hop(name) && name != header::HOST && name != header::CONTENT_LENGTH {
+                    headers.append(name.clone(), value.clone());
+                }
             }
-        }
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let resp = match tokio::time::timeout(self.limits.upstream_timeout, self.client.request(req)).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("llama-server gave no answer within {:?} (--request-timeout)", self.limits.upstream_timeout),
-                ))
-            }
-            Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("llama-server at {} is unreachable: {e}", gen.upstream.url()))),
-            Ok(Ok(resp)) => resp,
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            req
         };
+        let deadline = tokio::time::Instant::now() + self.limits.upstream_timeout;
+        let timed_out = || {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("llama-server gave no answer within {:?} (--request-timeout)", self.limits.upstream_timeout),
+            )
+        };
+        let resp = match tokio::time::timeout_at(deadline, self.client.request(request())).await {
+            Err(_) => return Err(timed_out()),
+            // A pooled keep-alive socket that llama-server closed as the request went out (hyper
+            // only retries on its own when the close came before the write). Nothing ran
+            // upstream, so one try on a fresh connection is safe; a refused connect is not retried.
+            Ok(Err(e)) if !e.is_connect() => {
+                log::event("upstream_retry", json!({"upstream": gen.upstream.url(), "error": error_chain(&e)}));
+                match tokio::time::timeout_at(deadline, self.client.request(request())).await {
+                    Err(_) => return Err(timed_out()),
+                    Ok(result) => result,
+                }
+            }
+            Ok(result) => result,
+        };
+        let resp = resp.map_err(|e| {
+            ApiError::new(StatusCode::BAD_GATEWAY, format!("llama-server at {} is unreachable: {}", gen.upstream.url(), error_chain(&e)))
+        })?;
         let (mut parts, body) = resp.into_parts();
         let hop: Vec<HeaderName> = parts.headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
         for name in hop {
@@ -558,6 +575,19 @@ impl Drop for ProxyBody {
             entry.emit(self.bytes, completed);
         }
     }
+}
+
+/// hyper-util's error says only which step failed ("client error (SendRequest)"); the cause
+/// (a reset, a connection closed before the answer) is in its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ fn a_live_reload_under_load_answers_every_request_from_a_right_adapter() {
 
     let mut per_generation = [0usize; 3];
     for a in &answers {
-        assert_eq!(a.status, 200, "task {} (stream {}) failed during the swaps: {}", a.task, a.stream, a.text);
+        assert_eq!(a.status, 200, "task {} (stream {}) failed during the swaps: {}\nplugin log:\n{}", a.task, a.stream, a.text, plugin.log_text());
         let under_a = adapter_of(&TASKS_A, &names_a, a.task);
         let under_b = adapter_of(&TASKS_B, &names_b, a.task);
         let generation = if a.started >= switched[1] {

@@ -392,3 +392,39 @@ fn attach_checks_the_adapters_and_reports_an_upstream_outage() {
     assert_eq!(health["plugin"]["status"], "ok");
     assert_eq!(health["upstream"]["status"], "down");
 }
+
+#[test]
+fn a_request_whose_upstream_socket_closes_unanswered_is_retried_once() {
+    let fixture = Fixture::new(&TASKS, 3);
+    let agent = agent();
+    let loras: Vec<&std::path::Path> = fixture.adapters.iter().map(|p| p.as_path()).collect();
+    let server = DirectServer::start(&loras);
+    let relay = DroppingRelay::start(server.port);
+    let log = fixture.dir.path().join("relay.log");
+    let args = ["--manifest", fixture.manifest.to_str().unwrap(), "--attach", &relay.url(), "--port", "0"];
+    let plugin = try_start_plugin(&args, &log).unwrap_or_else(|(code, log)| panic!("attach failed ({code}):\n{log}"));
+    let mut body = completion(PROMPT, 8);
+    body["task"] = json!("translate");
+    let mut direct = completion(PROMPT, 8);
+    direct["lora"] = lora_list(3, Some(1));
+    let (_, expected) = post(&agent, &server.url("/completion"), &direct);
+
+    // One socket closed as the request went out: answered from a second connection.
+    relay.drop_next_posts(1);
+    let (status, routed) = post(&agent, &plugin.url("/completion"), &body);
+    assert_eq!(status, 200, "{routed}\n{}", plugin.log_text());
+    assert_eq!(content(&routed), content(&expected));
+    let retries: Vec<Value> = events(&plugin.log_text()).into_iter().filter(|e| e["event"] == "upstream_retry").collect();
+    assert_eq!(retries.len(), 1, "{}", plugin.log_text());
+
+    // Both tries closed: one retry only, and the 502 names the cause, not just the step.
+    relay.drop_next_posts(2);
+    let (status, text) = post(&agent, &plugin.url("/completion"), &body);
+    assert_eq!(status, 502, "{text}");
+    let message = json_of(&text)["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("closed"), "{message}");
+
+    let (status, routed) = post(&agent, &plugin.url("/completion"), &body);
+    assert_eq!(status, 200, "{routed}");
+    assert_eq!(content(&routed), content(&expected));
+}

@@ -354,3 +354,60 @@ impl Drop for DirectServer {
         self.kill();
     }
 }
+
+/// A TCP relay in front of a llama-server that can close one connection as a request arrives,
+/// after reading it and before anything reaches the server: what a keep-alive socket closed by
+/// the server at that moment looks like to the plugin.
+pub struct DroppingRelay {
+    pub port: u16,
+    drop_next_post: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl DroppingRelay {
+    pub fn start(upstream_port: u16) -> DroppingRelay {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let drop_next_post = Arc::new(AtomicUsize::new(0));
+        let pending = drop_next_post.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let pending = pending.clone();
+                std::thread::spawn(move || {
+                    let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream_port)) else { return };
+                    let (mut client_back, mut server_in) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut server_in, &mut client_back);
+                        let _ = client_back.shutdown(std::net::Shutdown::Both);
+                    });
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let drop_it =
+                            buf[..n].starts_with(b"POST ") && pending.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1)).is_ok();
+                        if drop_it || std::io::Write::write_all(&mut server, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        DroppingRelay { port, drop_next_post }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The next `n` POST requests are read and their connection closed unanswered.
+    pub fn drop_next_posts(&self, n: usize) {
+        self.drop_next_post.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+}
