@@ -78,7 +78,7 @@ fn mixed_inputs() -> Vec<LoraAdapter> {
 
 #[test]
 fn method_names_round_trip() {
-    for m in Method::ALL {
+    for m in Method::FROM_WEIGHTS {
         assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
     }
     assert!("average".parse::<Method>().unwrap_err().contains("svd"));
@@ -474,4 +474,75 @@ fn cli_merge_adapters() {
     assert_eq!(code, 0, "{err}");
     let zt = LoraAdapter::read(&z).unwrap();
     assert!(zt.targets.values().all(|t| t.b_dtype == DType::F16 && (t.rank % 32 != 0)), "lora_b falls back to F16");
+}
+
+/// `rows` x `n_in` inputs living only on the features `features` (random values there).
+fn rows_on(features: std::ops::Range<usize>, rows: usize, n_in: usize, seed: u64) -> Vec<f32> {
+    let mut rng = synth::rng(seed);
+    let dense = synth::matrix(&mut rng, rows, n_in, 1.0);
+    (0..rows * n_in).map(|k| if features.contains(&(k % n_in)) { dense[k] } else { 0.0 }).collect()
+}
+
+/// `delta X^T` for row-major `delta` (out x in) and `x` (rows x in): out x rows.
+fn apply(delta: &[f64], n_out: usize, n_in: usize, x: &[f32], rows: usize) -> Vec<f64> {
+    let mut y = vec![0f64; n_out * rows];
+    for o in 0..n_out {
+        for r in 0..rows {
+            y[o * rows + r] = (0..n_in).map(|i| delta[o * n_in + i] * x[r * n_in + i] as f64).sum();
+        }
+    }
+    y
+}
+
+#[test]
+fn regmean_gives_each_task_its_own_delta_on_its_inputs() {
+    use d2c_gguf::interference::InputRows;
+    let (name, n_out, n_in) = ("blk.0.attn_q.weight", 48, 64);
+    let a = adapter("llama", 8.0, &[(name, n_out, n_in, 4)], 11);
+    let b = adapter("llama", 8.0, &[(name, n_out, n_in, 4)], 12);
+    // Task a's inputs on features 0..24, task b's on 32..56: no input direction in common.
+    let (xa, xb) = (rows_on(0..24, 40, n_in, 1), rows_on(32..56, 40, n_in, 2));
+    fn acts<'a>(name: &str, n_in: usize, x: &'a [f32]) -> merge::TaskInputs<'a> {
+        [(name.to_string(), InputRows { rows: 40, n_in, data: x })].into_iter().collect()
+    }
+    let acts = |x| acts(name, n_in, x);
+    let (ia, ib) = (acts(&xa), acts(&xb));
+    let opts = MergeOptions { method: Method::Regmean, rank: Some(8), ..Default::default() };
+    let (merged, report) = merge::merge_with_inputs(&[&a, &b], &[&ia, &ib], &opts).unwrap();
+    assert_eq!(merged.metadata.get(merge::KEY_METHOD), Some(&Value::String("regmean".into())));
+    assert!(report.relative_error() < 1e-3, "rank 8 holds both rank-4 deltas: {}", report.relative_error());
+    let m = dense(&merged, name);
+    for (own, x) in [(&a, &xa), (&b, &xb)] {
+        let want = apply(&dense(own, name), n_out, n_in, x, 40);
+        let got = apply(&m, n_out, n_in, x, 40);
+        // The average (svd's reference) would give half of it.
+        assert!(diff_frob(&got, &want) < 1e-3 * frob(&want), "{} vs {}", diff_frob(&got, &want), frob(&want));
+    }
+
+    // Both tasks on the same inputs: the weighted sum, as svd (here the average).
+    let shared = acts(&xa);
+    let (same, _) = merge::merge_with_inputs(&[&a, &b], &[&shared, &shared], &opts).unwrap();
+    let want = apply(&weighted_sum(&[&a, &b], &[0.5, 0.5])[name].2, n_out, n_in, &xa, 40);
+    let got = apply(&dense(&same, name), n_out, n_in, &xa, 40);
+    assert!(diff_frob(&got, &want) < 1e-3 * frob(&want), "{} vs {}", diff_frob(&got, &want), frob(&want));
+
+    // The rank cut is made in the inputs' norm: at rank 4, regmean's output error on the tasks'
+    // inputs is below that of the Frobenius-best rank-4 cut of its own full-rank result.
+    let cut = MergeOptions { rank: Some(4), ..opts.clone() };
+    let rm = dense(&merge::merge_with_inputs(&[&a, &b], &[&ia, &ib], &cut).unwrap().0, name);
+    let full = Mat::from_fn(n_out, n_in, |i, j| m[i * n_in + j]);
+    let svd = full.thin_svd().unwrap();
+    let sv: Vec<f64> =
+        (0..n_out * n_in).map(|k| (0..4).map(|r| svd.U()[(k / n_in, r)] * svd.S().column_vector()[r] * svd.V()[(k % n_in, r)]).sum()).collect();
+    let output_error = |m: &[f64]| -> f64 {
+        [(&a, &xa), (&b, &xb)]
+            .iter()
+            .map(|(own, x)| diff_frob(&apply(m, n_out, n_in, x, 40), &apply(&dense(own, name), n_out, n_in, x, 40)).powi(2))
+            .sum::<f64>()
+    };
+    assert!(output_error(&rm) < output_error(&sv), "{} vs {}", output_error(&rm), output_error(&sv));
+
+    // Without activations it says where it can be used.
+    let e = merge::merge(&[&a, &b], &opts).unwrap_err().to_string();
+    assert!(e.contains("regmean") && e.contains("d2c-gguf merge"), "{e}");
 }

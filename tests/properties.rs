@@ -191,7 +191,7 @@ proptest! {
         let input = s.build().remove(0);
         let want = deltas(&input);
         let scale = term_scale(std::slice::from_ref(&input), &[1.0]);
-        for method in Method::ALL {
+        for method in Method::FROM_WEIGHTS {
             let opts = MergeOptions { method, rank: None, weights: None, density: 1.0, seed };
             let merged = merge::merge(&[&input], &opts).unwrap();
             let err = max_rel_diff(&deltas(&merged), &want, &scale)?;

@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> None:
         "tune_scales": args.tune_scales,
         "max_tokens": args.max_tokens,
     }
+    if args.method != "svd":
+        # The operator D2C's rounds merge with (rows without the key used svd).
+        merge_settings["method"] = args.method
     if args.serve_scales != "1":
         # Rows without the key were merged before per-task serve scales (or with them off).
         merge_settings["serve_scales"] = args.serve_scales
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> None:
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
                 "--budget", k, "--strategy", "d2c" if strategy in D2C_STRATEGIES else strategy,
                 "--seed", 0 if strategy == "d2c-bytes" else seed, "--rounds", args.rounds,
-                "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales, *extra,
+                "--method", args.method, "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales, *extra,
                 "--threads", args.threads, "--cache", SWEEP / "score-cache", "--out", out, "--force"])
             merge_seconds = time.time() - t
             manifest, ev, eval_seconds = evaluate_set(out)
@@ -269,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
                 t = time.time()
                 sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", rest / "adapters", "--samples", rest / "samples",
                     "--budget", k, "--strategy", "d2c", "--seed", 0, "--rounds", args.rounds,
-                    "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales,
+                    "--method", args.method, "--tune-methods", args.tune_methods, "--tune-scales", args.tune_scales, "--serve-scales", args.serve_scales,
                     "--threads", args.threads, "--cache", cache, "--out", before, "--force"])
                 before_seconds = time.time() - t
                 t = time.time()
@@ -504,6 +507,7 @@ def main() -> None:
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add`")
     r.add_argument("--rounds", type=int, default=6)
+    r.add_argument("--method", default="svd", help="merge --method: the operator the rounds merge with")
     r.add_argument("--tune-methods", default="svd,ties,dare")
     r.add_argument("--tune-scales", default="1,1.25,1.5")
     r.add_argument("--serve-scales", default="0.5,1,1.5,2,3", help="merge --serve-scales; 1 = off (the rows before per-task scales)")

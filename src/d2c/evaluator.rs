@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::inputs::TaskActivations;
 use super::score_cache::{Cached, ScoreCache};
 use super::tasks::{input_paths, Task};
 use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
@@ -174,6 +175,8 @@ pub(crate) struct Pool<'a> {
     pub compressed: Option<Vec<Candidate>>,
     pub density: f32,
     pub seed: u64,
+    /// Every task's inputs, where an operator that needs them (`regmean`) may be tried.
+    pub inputs: Option<&'a TaskActivations>,
 }
 
 impl Pool<'_> {
@@ -182,7 +185,14 @@ impl Pool<'_> {
         let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &self.tasks[i].adapter).collect();
         let w = scale / members.len() as f32;
         let mo = MergeOptions { method, rank: Some(rank), weights: Some(vec![w; members.len()]), density: self.density, seed: self.seed };
-        let mut merged = merge::merge(&inputs, &mo)?;
+        let mut merged = match (method.needs_inputs(), self.inputs) {
+            (true, Some(acts)) => {
+                let rows = acts.of(members);
+                merge::merge_with_inputs(&inputs, &rows.iter().collect::<Vec<_>>(), &mo)?.0
+            }
+            (true, None) => return Err(Error::Internal(format!("{method} was tried without the tasks' activations"))),
+            (false, _) => merge::merge(&inputs, &mo)?,
+        };
         let names: Vec<&str> = members.iter().map(|&i| self.tasks[i].name.as_str()).collect();
         merged.metadata.insert(KEY_TASK_NAME.to_string(), Value::String(names.join(",")));
         Ok(merged)

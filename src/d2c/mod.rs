@@ -11,12 +11,14 @@
 //!
 //! One file per stage: `options`, `tasks` (read and check), `score_cache`, `evaluator`
 //! (candidates and their scores), `search` (D2C's partition), `tune` (merges and serve
-//! scales), `budget` (ranks under a byte budget), `allocate` (the byte allocator), `publish`;
+//! scales), `budget` (ranks under a byte budget), `allocate` (the byte allocator), `inputs`
+//! (activations for the input-aware merge), `publish`;
 //! and `update` (`add` and `remove`: one task into or out of a deployed set).
 
 mod allocate;
 mod budget;
 mod evaluator;
+mod inputs;
 mod interference;
 mod options;
 mod publish;
@@ -81,7 +83,12 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
         Some(cut) => Some(cut.iter().map(|a| ev.write_candidate(a, &tasks::input_paths(&tasks))).collect::<Result<_>>()?),
         None => None,
     };
-    let pool = Pool { tasks: &tasks, own, compressed, density: opts.density, seed: opts.seed };
+    let t = stages.start();
+    let activations = inputs::TaskActivations::for_run(&ev.scorer, opts, &tasks)?;
+    if activations.is_some() {
+        stages.done("merge_inputs", t);
+    }
+    let pool = Pool { tasks: &tasks, own, compressed, density: opts.density, seed: opts.seed, inputs: activations.as_ref() };
 
     let mut outcome = if opts.strategy == Strategy::Allocate {
         let t = stages.start();

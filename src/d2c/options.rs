@@ -110,6 +110,11 @@ pub struct MergeRunOptions {
 }
 
 impl MergeRunOptions {
+    /// Every operator a run may merge with: `method`, then the tuning's.
+    pub fn merge_methods(&self) -> impl Iterator<Item = Method> + '_ {
+        std::iter::once(self.method).chain(self.tune_methods.iter().copied())
+    }
+
     pub fn new(base: PathBuf, adapters_dir: PathBuf, samples_dir: PathBuf, budget: Option<usize>, out: PathBuf) -> Self {
         MergeRunOptions { base, adapters_dir, samples_dir, budget, out, ..MergeRunOptions::default() }
     }
@@ -139,7 +144,7 @@ impl Default for MergeRunOptions {
             storage_types: vec![DType::Q8_0, DType::Q4_0],
             cache: None,
             force: false,
-            tune_methods: vec![Method::Svd, Method::Ties, Method::Dare],
+            tune_methods: vec![Method::Svd, Method::Ties, Method::Dare, Method::Regmean],
             tune_scales: vec![1.0, 1.25, 1.5],
             serve_scales: vec![0.5, 1.0, 1.5, 2.0, 3.0],
             density: 0.5,

@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::evaluator::{self, Candidate, ClusterEval, Evaluator, Pool};
+use super::inputs::TaskActivations;
 use super::options::{MergeRunOptions, Strategy};
 use super::publish::{cluster_scores, Staging};
 use super::tasks::{self, pick, Task};
@@ -82,7 +83,8 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
         merge::check_compatible_named(&refs, &names)?;
     }
     let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
-    let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed };
+    let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
+    let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed, inputs: activations.as_ref() };
     let groups = set.groups(&work.tasks, Some(&name))?;
     let current: Vec<Candidate> = set.candidates()?;
 
@@ -207,7 +209,8 @@ pub fn remove(opts: &UpdateOptions, task: &str) -> Result<Manifest> {
         ("dropped", vec![], vec![gone.file])
     } else {
         let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
-        let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed };
+        let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
+        let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed, inputs: activations.as_ref() };
         let rank = work.run.rank.expect("from settings");
         let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&rest), rank)?.remove(0);
         let mut scales = vec![1.0f32; work.tasks.len()];

@@ -214,6 +214,11 @@ pub fn lower_mul(l: MatRef<'_, f64>, x: MatRef<'_, f64>, par: Par) -> Mat<f64> {
     out
 }
 
+/// Solves `L Y = X` for lower triangular `L`, in place.
+pub fn solve_lower_in_place(l: MatRef<'_, f64>, x: MatMut<'_, f64>, par: Par) {
+    triangular_solve::solve_lower_triangular_in_place(l, x, par);
+}
+
 /// Solves `L^T Y = X` for lower triangular `L`, in place.
 pub fn solve_lower_t_in_place(l: MatRef<'_, f64>, x: MatMut<'_, f64>, par: Par) {
     triangular_solve::solve_upper_triangular_in_place(l.transpose(), x, par);

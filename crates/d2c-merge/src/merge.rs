@@ -21,6 +21,16 @@
 //!   rescale the kept ones by `1 / density`, then the weighted sum; then back to rank `r` as `ties`.
 //! - `linear`: PEFT's factor-wise average `A' = sum sqrt(w_i s_i) A_i`, `B' = sum sqrt(w_i s_i) B_i`
 //!   (equal ranks only). It carries cross terms `B_i A_j`; it is here only as a baseline.
+//! - `regmean` (Jin et al., 2023, "Dataless knowledge fusion"), needs each input's activations
+//!   ([`merge_with_inputs`]): the delta that changes every task's projection outputs most like
+//!   its own delta does, on the inputs its examples give that projection. With `G_i` the Gram of
+//!   task i's input rows (per row, its off-diagonal scaled by [`REGMEAN_OFF_DIAGONAL`] so that
+//!   directions the few examples never excite fall back to a per-feature weighted average),
+//!   `M = W (sum_i w_i s_i B_i A_i G_i) H^{-1}`, `H = sum_i |w_i| G_i`, `W = sum_i |w_i|`: the
+//!   least-squares fit of every task's own output change on its inputs, and exactly the
+//!   weighted sum when all `G_i` are equal. Rank `r` in that same norm: with `H = L L^T`, the svd operator
+//!   on `M L = sum (w_i s_i sum|w|) B_i (A_i G_i L^{-T})` (rank `R`, from factors), then
+//!   `A <- A L^{-1}`. One `in x in` Cholesky per target; no `out x in` matrix.
 //!
 //! The output's scale is folded into `B`: every written target gives its delta as `B A` with
 //! scale 1 (alpha = r when all targets have the same rank r, else alpha = 0).
@@ -32,6 +42,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::interference::InputRows;
 use crate::linalg;
 use d2c_format::adapter::{LoraAdapter, LoraTarget};
 use d2c_format::error::{Error, Result};
@@ -50,20 +61,34 @@ const KEY_PREFIX: &str = "d2c.merge.";
 /// Merge operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Method {
+    /// Exact weighted sum, rank = the ranks summed.
     Cat,
+    /// Best rank-r approximation of the weighted sum.
     #[default]
     Svd,
+    /// TIES (trim, elect signs, disjoint mean), back to rank r.
     Ties,
+    /// DARE (random drop and rescale), back to rank r.
     Dare,
+    /// PEFT's factor-wise average (a baseline).
     Linear,
+    /// RegMean: each task's delta kept on the inputs its examples give each projection (needs
+    /// the examples: `merge` only), rank r.
+    Regmean,
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [Method::Cat, Method::Svd, Method::Ties, Method::Dare, Method::Linear];
+    /// The operators that need nothing but the adapters (regmean also needs activations).
+    pub const FROM_WEIGHTS: [Method; 5] = [Method::Cat, Method::Svd, Method::Ties, Method::Dare, Method::Linear];
 
     /// Whether `MergeOptions::rank` sets the output rank (cat and linear fix it themselves).
     pub fn uses_rank(self) -> bool {
-        matches!(self, Method::Svd | Method::Ties | Method::Dare)
+        matches!(self, Method::Svd | Method::Ties | Method::Dare | Method::Regmean)
+    }
+
+    /// Whether merging needs each input's activations ([`merge_with_inputs`]).
+    pub fn needs_inputs(self) -> bool {
+        self == Method::Regmean
     }
 
     /// Whether `MergeOptions::density` (and, for dare, `seed`) are used.
@@ -192,6 +217,24 @@ pub fn merge(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result<LoraAdapter
     merge_with_report(inputs, opts).map(|(a, _)| a)
 }
 
+/// What `regmean` keeps of the off-diagonal of each task's input Gram (RegMean's
+/// "reduce non-diagonal ratio"): ten examples give a few hundred input rows, a Gram of low rank;
+/// the diagonal left whole keeps every feature weighted.
+pub const REGMEAN_OFF_DIAGONAL: f64 = 0.5;
+
+/// One input adapter's task inputs: the rows its examples give each adapted projection, by
+/// target name (`blk.0.attn_q.weight`).
+pub type TaskInputs<'a> = BTreeMap<String, InputRows<'a>>;
+
+/// As [`merge_with_report`], with each input's activations (`task_inputs[i]` for `inputs[i]`),
+/// which `regmean` weighs the deltas by; a target some input has no rows for is merged by svd.
+pub fn merge_with_inputs(inputs: &[&LoraAdapter], task_inputs: &[&TaskInputs<'_>], opts: &MergeOptions) -> Result<(LoraAdapter, MergeReport)> {
+    if task_inputs.len() != inputs.len() {
+        return Err(Error::Internal(format!("{} activation sets for {} adapters", task_inputs.len(), inputs.len())));
+    }
+    merge_impl(inputs, Some(task_inputs), opts)
+}
+
 /// One input's share of one target: delta = `coef * B A`, `coef = w_i * s_i`.
 struct Part<'a> {
     input: usize,
@@ -202,7 +245,17 @@ struct Part<'a> {
 
 /// As [`merge`], with the per-target ranks and errors.
 pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result<(LoraAdapter, MergeReport)> {
+    merge_impl(inputs, None, opts)
+}
+
+fn merge_impl(inputs: &[&LoraAdapter], task_inputs: Option<&[&TaskInputs<'_>]>, opts: &MergeOptions) -> Result<(LoraAdapter, MergeReport)> {
     check_compatible(inputs)?;
+    if opts.method.needs_inputs() && task_inputs.is_none() {
+        return Err(Error::Usage(format!(
+            "{} weighs each task by the activations of its examples: it is available in `d2c-gguf merge` (with --examples), not here",
+            opts.method
+        )));
+    }
     let n = inputs.len();
     let weights = match &opts.weights {
         Some(w) if w.len() != n => {
@@ -250,6 +303,16 @@ pub fn merge_with_report(inputs: &[&LoraAdapter], opts: &MergeOptions) -> Result
                     (target, norm, residual)
                 }
                 Method::Linear => linear_target(&parts),
+                Method::Regmean => {
+                    let rows: Option<Vec<InputRows>> = parts.iter().map(|p| task_inputs.and_then(|ti| ti[p.input].get(*name).copied())).collect();
+                    match rows {
+                        Some(rows) => regmean_target(name, &parts, &rows, rank)?,
+                        None => {
+                            let (target, norm, residual, _) = svd_target(&parts, rank)?;
+                            (target, norm, residual)
+                        }
+                    }
+                }
                 Method::Ties | Method::Dare => dense_target(name, &parts, rank, opts, wabs)?,
             };
             let report = TargetReport { name: (*name).clone(), rank: target.rank, norm, residual };
@@ -419,6 +482,60 @@ fn svd_target(parts: &[Part], rank: usize) -> Result<(LoraTarget, f64, f64, Vec<
     };
     let (b, a) = (to_f32(&bo), to_f32(&ao));
     Ok((LoraTarget::new(a, b, keep, n_in, n_out), norm2.sqrt(), tail2.sqrt(), lambda))
+}
+
+/// The regmean operator on one target (module docs); `rows[k]` are part k's task inputs.
+/// Norm and residual are measured in the inputs' norm (`|| . L||_F`).
+fn regmean_target(name: &str, parts: &[Part], rows: &[InputRows], rank: usize) -> Result<(LoraTarget, f64, f64)> {
+    let (n_out, n_in) = shape(parts);
+    let wsum: f64 = parts.iter().map(|p| p.weight.abs() as f64).sum();
+    let mut grams = Vec::with_capacity(parts.len());
+    let mut h = Mat::<f64>::zeros(n_in, n_in);
+    for (p, x) in parts.iter().zip(rows) {
+        if x.n_in != n_in || x.rows == 0 || x.data.len() != x.rows * n_in {
+            return Err(Error::Internal(format!("{name}: {} input rows of width {} for a target {n_in} wide", x.rows, x.n_in)));
+        }
+        let xm = Mat::<f64>::from_fn(x.rows, n_in, |r, c| x.data[r * n_in + c] as f64);
+        // Per row, so that a task with longer prompts does not outweigh the others.
+        let mut g = linalg::gram(xm.as_ref(), Par::Seq);
+        let per_row = 1.0 / x.rows as f64;
+        for j in 0..n_in {
+            for i in 0..n_in {
+                g[(i, j)] *= if i == j { per_row } else { per_row * REGMEAN_OFF_DIAGONAL };
+            }
+        }
+        let w = p.weight.abs() as f64;
+        for j in 0..n_in {
+            for i in 0..n_in {
+                h[(i, j)] += w * g[(i, j)];
+            }
+        }
+        grams.push(g);
+    }
+    let mean_diag = (0..n_in).map(|i| h[(i, i)]).sum::<f64>() / n_in as f64;
+    let l = linalg::cholesky_psd(h, (mean_diag * 1e-6).max(f64::MIN_POSITIVE), Par::Seq)?;
+    // Part k in the whitened space: B_k (A_k G_k L^{-T}); its A^T is L^{-1} G_k A_k^T.
+    let whitened: Vec<LoraTarget> = parts
+        .iter()
+        .zip(&grams)
+        .map(|(p, g)| {
+            let r = p.t.rank;
+            let at = Mat::<f64>::from_fn(n_in, r, |i, k| p.t.a[k * n_in + i] as f64);
+            let mut y = linalg::mul(g.as_ref(), at.as_ref(), Par::Seq);
+            linalg::solve_lower_in_place(l.as_ref(), y.as_mut(), Par::Seq);
+            let a: Vec<f32> = (0..r).flat_map(|k| (0..n_in).map(move |i| (k, i))).map(|(k, i)| y[(i, k)] as f32).collect();
+            LoraTarget::new(a, p.t.b.clone(), r, n_in, n_out)
+        })
+        .collect();
+    let moved: Vec<Part> =
+        parts.iter().zip(&whitened).map(|(p, t)| Part { input: p.input, weight: p.weight, coef: (p.coef as f64 * wsum) as f32, t }).collect();
+    let (cut, norm, residual, _) = svd_target(&moved, rank)?;
+    // Back from the whitened space: A <- A L^{-1}, i.e. A^T <- L^{-T} A^T.
+    let k = cut.rank;
+    let mut at = Mat::<f64>::from_fn(n_in, k, |i, j| cut.a[j * n_in + i] as f64);
+    linalg::solve_lower_t_in_place(l.as_ref(), at.as_mut(), Par::Seq);
+    let a: Vec<f32> = (0..k).flat_map(|j| (0..n_in).map(move |i| (j, i))).map(|(j, i)| at[(i, j)] as f32).collect();
+    Ok((LoraTarget::new(a, cut.b, k, n_in, n_out), norm, residual))
 }
 
 fn linear_target(parts: &[Part]) -> (LoraTarget, f64, f64) {

@@ -32,10 +32,19 @@ impl ActivationProbe {
     /// last, whose prediction decides whether greedy decoding stops), at most `max_rows` per
     /// sample, by weight name; rows in sample order.
     pub fn inputs(&mut self, samples: &[SampleTokens], max_rows: usize) -> Result<BTreeMap<String, ProjectionInputs>> {
+        self.inputs_at(samples, |s| (s.first_scored - 1..s.tokens.len()).take(max_rows.max(1)).collect())
+    }
+
+    /// The inputs at the positions `keep` picks in each sample (increasing, each below the
+    /// sample's length), by weight name; rows in sample order.
+    pub fn inputs_at(&mut self, samples: &[SampleTokens], keep: impl Fn(&SampleTokens) -> Vec<usize>) -> Result<BTreeMap<String, ProjectionInputs>> {
         for s in samples {
             let tokens: Vec<i32> = s.tokens.iter().map(|t| t.0).collect();
-            let keep: Vec<usize> = (s.first_scored - 1..tokens.len()).take(max_rows.max(1)).collect();
-            self.capture.run(&tokens, &keep).map_err(|e| Error::Llama(format!("{}: activation capture: {e}", self.path.display())))?;
+            let positions = keep(s);
+            if positions.iter().any(|&p| p >= tokens.len()) {
+                return Err(Error::Internal(format!("activation capture: a position past the sample's {} tokens", tokens.len())));
+            }
+            self.capture.run(&tokens, &positions).map_err(|e| Error::Llama(format!("{}: activation capture: {e}", self.path.display())))?;
         }
         Ok(self.capture.take())
     }
