@@ -58,13 +58,7 @@ impl TaskActivations {
     }
 
     pub(crate) fn capture(scorer: &Scorer, base: &Path, tasks: &[Task], threads: Option<i32>, progress: bool) -> Result<Self> {
-        let weights: HashSet<String> = tasks.iter().flat_map(|t| t.adapter.targets.keys().cloned()).collect();
-        let tokenized: Vec<Vec<SampleTokens>> = tasks
-            .iter()
-            .map(|t| t.samples.iter().map(|s| scorer.tokenize_sample(s).map_err(|e| Error::Llama(format!("task {}: {e}", t.name)))).collect())
-            .collect::<Result<_>>()?;
-        let longest = tokenized.iter().flatten().map(|s| s.tokens.len()).max().unwrap_or(1);
-        let mut probe = ActivationProbe::new(base, weights, threads, longest)?;
+        let (mut probe, tokenized) = probe_for(scorer, base, tasks, threads)?;
         let pb = crate::progress::bar(progress, tasks.len() as u64, "activations");
         let mut out = Vec::with_capacity(tasks.len());
         for samples in &tokenized {
@@ -91,6 +85,17 @@ impl TaskActivations {
             })
             .collect()
     }
+}
+
+/// A probe on `base` for every target of `tasks`' adapters, and every task's examples as tokens.
+pub(crate) fn probe_for(scorer: &Scorer, base: &Path, tasks: &[Task], threads: Option<i32>) -> Result<(ActivationProbe, Vec<Vec<SampleTokens>>)> {
+    let weights: HashSet<String> = tasks.iter().flat_map(|t| t.adapter.targets.keys().cloned()).collect();
+    let tokenized: Vec<Vec<SampleTokens>> = tasks
+        .iter()
+        .map(|t| t.samples.iter().map(|s| scorer.tokenize_sample(s).map_err(|e| Error::Llama(format!("task {}: {e}", t.name)))).collect())
+        .collect::<Result<_>>()?;
+    let longest = tokenized.iter().flatten().map(|s| s.tokens.len()).max().unwrap_or(1);
+    Ok((ActivationProbe::new(base, weights, threads, longest)?, tokenized))
 }
 
 /// [`ROWS_PER_EXAMPLE`]'s choice for one example. Position 0 (the first token, often an

@@ -3,15 +3,14 @@
 //! and each task's output Gram built from those inputs and every adapter's factors
 //! (`crate::interference`). N forward passes, no scoring.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::tasks::Task;
-use crate::activations::ActivationProbe;
 use crate::adapter::LoraAdapter;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::interference::{FactorStack, InputRows, Interference};
-use crate::score::{SampleTokens, Scorer};
+use crate::score::Scorer;
 
 /// Rows kept per example: the positions that predict its first completion tokens (and, for
 /// short completions, the stop), where exact match is won or lost.
@@ -20,13 +19,7 @@ const MAX_ROWS_PER_EXAMPLE: usize = 32;
 pub(crate) fn measure(scorer: &Scorer, base: &Path, tasks: &[Task], threads: Option<i32>, progress: bool) -> Result<Interference> {
     let adapters: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
     let stack = FactorStack::new(&adapters);
-    let weights: HashSet<String> = adapters.iter().flat_map(|a| a.targets.keys().cloned()).collect();
-    let tokenized: Vec<Vec<SampleTokens>> = tasks
-        .iter()
-        .map(|t| t.samples.iter().map(|s| scorer.tokenize_sample(s).map_err(|e| Error::Llama(format!("task {}: {e}", t.name)))).collect())
-        .collect::<Result<_>>()?;
-    let longest = tokenized.iter().flatten().map(|s| s.tokens.len()).max().unwrap_or(1);
-    let mut probe = ActivationProbe::new(base, weights, threads, longest)?;
+    let (mut probe, tokenized) = super::inputs::probe_for(scorer, base, tasks, threads)?;
     let pb = crate::progress::bar(progress, tasks.len() as u64, "activations");
     let mut grams = Vec::with_capacity(tasks.len());
     for samples in &tokenized {

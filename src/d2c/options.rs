@@ -131,7 +131,7 @@ impl Default for MergeRunOptions {
             out: PathBuf::new(),
             budget_bytes: None,
             rank: None,
-            method: Method::Svd,
+            method: Method::Regmean,
             strategy: Strategy::D2c,
             init: Init::Kmeans,
             rounds: 6,
