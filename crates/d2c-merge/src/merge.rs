@@ -477,11 +477,14 @@ fn svd_target(parts: &[Part], rank: usize) -> Result<(LoraTarget, f64, f64, Vec<
     // Column-major B'^T (keep x out) and A'^T (in x keep) are the row-major B' and A'.
     let bo = linalg::mul(tb.transpose(), bst.as_ref(), Par::Seq);
     let ao = linalg::mul(ats.as_ref(), ta.as_ref(), Par::Seq);
-    let to_f32 = |m: &Mat<f64>| -> Vec<f32> {
-        (0..m.ncols()).flat_map(|j| m.col(j).try_as_col_major().unwrap().as_slice().iter().map(|v| *v as f32)).collect()
-    };
-    let (b, a) = (to_f32(&bo), to_f32(&ao));
+    let (b, a) = (columns_f32(&bo), columns_f32(&ao));
     Ok((LoraTarget::new(a, b, keep, n_in, n_out), norm2.sqrt(), tail2.sqrt(), lambda))
+}
+
+/// A column-major matrix's columns one after another, in f32: the row-major form of its
+/// transpose (how a factor's `A^T` or `B'^T` becomes the stored `A` or `B'`).
+fn columns_f32(m: &Mat<f64>) -> Vec<f32> {
+    (0..m.ncols()).flat_map(|j| m.col(j).try_as_col_major().unwrap().as_slice().iter().map(|v| *v as f32)).collect()
 }
 
 /// The regmean operator on one target (module docs); `rows[k]` are part k's task inputs.
@@ -499,14 +502,10 @@ fn regmean_target(name: &str, parts: &[Part], rows: &[InputRows], rank: usize) -
         // Per row, so that a task with longer prompts does not outweigh the others.
         let mut g = linalg::gram(xm.as_ref(), Par::Seq);
         let per_row = 1.0 / x.rows as f64;
-        for j in 0..n_in {
-            for i in 0..n_in {
-                g[(i, j)] *= if i == j { per_row } else { per_row * REGMEAN_OFF_DIAGONAL };
-            }
-        }
         let w = p.weight.abs() as f64;
         for j in 0..n_in {
             for i in 0..n_in {
+                g[(i, j)] *= if i == j { per_row } else { per_row * REGMEAN_OFF_DIAGONAL };
                 h[(i, j)] += w * g[(i, j)];
             }
         }
@@ -523,8 +522,7 @@ fn regmean_target(name: &str, parts: &[Part], rows: &[InputRows], rank: usize) -
             let at = Mat::<f64>::from_fn(n_in, r, |i, k| p.t.a[k * n_in + i] as f64);
             let mut y = linalg::mul(g.as_ref(), at.as_ref(), Par::Seq);
             linalg::solve_lower_in_place(l.as_ref(), y.as_mut(), Par::Seq);
-            let a: Vec<f32> = (0..r).flat_map(|k| (0..n_in).map(move |i| (k, i))).map(|(k, i)| y[(i, k)] as f32).collect();
-            LoraTarget::new(a, p.t.b.clone(), r, n_in, n_out)
+            LoraTarget::new(columns_f32(&y), p.t.b.clone(), r, n_in, n_out)
         })
         .collect();
     let moved: Vec<Part> =
@@ -534,8 +532,7 @@ fn regmean_target(name: &str, parts: &[Part], rows: &[InputRows], rank: usize) -
     let k = cut.rank;
     let mut at = Mat::<f64>::from_fn(n_in, k, |i, j| cut.a[j * n_in + i] as f64);
     linalg::solve_lower_t_in_place(l.as_ref(), at.as_mut(), Par::Seq);
-    let a: Vec<f32> = (0..k).flat_map(|j| (0..n_in).map(move |i| (j, i))).map(|(j, i)| at[(i, j)] as f32).collect();
-    Ok((LoraTarget::new(a, cut.b, k, n_in, n_out), norm, residual))
+    Ok((LoraTarget::new(columns_f32(&at), cut.b, k, n_in, n_out), norm, residual))
 }
 
 fn linear_target(parts: &[Part]) -> (LoraTarget, f64, f64) {

@@ -325,10 +325,11 @@ impl Proxy {
         let resp = match tokio::time::timeout_at(deadline, self.client.request(request())).await {
             Err(_) => return Err(timed_out()),
             // A pooled keep-alive socket that llama-server closed as the request went out (hyper
-            // only retries on its own when the close came before the write). Nothing ran
-            // upstream, so one try on a fresh connection is safe; a refused connect is not retried.
+            // only retries on its own when the close came before the write). The endpoints the
+            // plugin forwards change nothing upstream but the compute they cost, so sending the
+            // request once more is safe; a refused connect is not retried.
             Ok(Err(e)) if !e.is_connect() => {
-                log::event("upstream_retry", json!({"upstream": gen.upstream.url(), "error": error_chain(&e)}));
+                log::event("upstream_retry", json!({"upstream": gen.upstream.url(), "error": error_chain(e)}));
                 match tokio::time::timeout_at(deadline, self.client.request(request())).await {
                     Err(_) => return Err(timed_out()),
                     Ok(result) => result,
@@ -337,7 +338,7 @@ impl Proxy {
             Ok(result) => result,
         };
         let resp = resp.map_err(|e| {
-            ApiError::new(StatusCode::BAD_GATEWAY, format!("llama-server at {} is unreachable: {}", gen.upstream.url(), error_chain(&e)))
+            ApiError::new(StatusCode::BAD_GATEWAY, format!("llama-server at {} is unreachable: {}", gen.upstream.url(), error_chain(e)))
         })?;
         let (mut parts, body) = resp.into_parts();
         let hop: Vec<HeaderName> = parts.headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
@@ -578,16 +579,10 @@ impl Drop for ProxyBody {
 }
 
 /// hyper-util's error says only which step failed ("client error (SendRequest)"); the cause
-/// (a reset, a connection closed before the answer) is in its sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+/// (a reset, a connection closed before the answer) is in its sources, which anyhow's
+/// alternate form prints as one line.
+fn error_chain(e: hyper_util::client::legacy::Error) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }
 
 #[cfg(test)]
