@@ -546,3 +546,58 @@ fn regmean_gives_each_task_its_own_delta_on_its_inputs() {
     let e = merge::merge(&[&a, &b], &opts).unwrap_err().to_string();
     assert!(e.contains("regmean") && e.contains("d2c-gguf merge"), "{e}");
 }
+
+#[test]
+fn regmean_shares_one_gram_between_targets_that_read_the_same_rows() {
+    use d2c_gguf::interference::InputRows;
+    // q and k read the block's normed input (one buffer per task, as `merge` captures it); the
+    // output projection reads its own rows. Sharing the Grams must change nothing, bit for bit.
+    let (n_in, rows) = (64, 30);
+    let shapes = [("blk.0.attn_q.weight", 48, n_in, 4), ("blk.0.attn_k.weight", 32, n_in, 4), ("blk.0.attn_output.weight", 64, 48, 4)];
+    let tasks: Vec<LoraAdapter> = (0..3).map(|i| adapter("llama", 8.0, &shapes, 20 + i)).collect();
+    let xs: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..3).map(|i| (rows_on(0..40 + 8 * i, rows, n_in, 30 + i as u64), rows_on(0..48, rows, 48, 40 + i as u64))).collect();
+    let shared: Vec<merge::TaskInputs> = xs
+        .iter()
+        .map(|(x, xo)| {
+            [
+                ("blk.0.attn_q.weight".to_string(), InputRows { rows, n_in, data: x.as_slice() }),
+                ("blk.0.attn_k.weight".to_string(), InputRows { rows, n_in, data: x.as_slice() }),
+                ("blk.0.attn_output.weight".to_string(), InputRows { rows, n_in: 48, data: xo.as_slice() }),
+            ]
+            .into_iter()
+            .collect()
+        })
+        .collect();
+    let copies: Vec<Vec<f32>> = xs.iter().map(|(x, _)| x.clone()).collect();
+    let separate: Vec<merge::TaskInputs> = shared
+        .iter()
+        .zip(&copies)
+        .map(|(ti, copy)| {
+            let mut ti = ti.clone();
+            ti.insert("blk.0.attn_k.weight".to_string(), InputRows { rows, n_in, data: copy.as_slice() });
+            ti
+        })
+        .collect();
+    let refs: Vec<&LoraAdapter> = tasks.iter().collect();
+    let opts = MergeOptions { method: Method::Regmean, rank: Some(6), weights: Some(vec![0.5, 0.3, 0.2]), ..Default::default() };
+    let (one, r1) = merge::merge_with_inputs(&refs, &shared.iter().collect::<Vec<_>>(), &opts).unwrap();
+    let (two, r2) = merge::merge_with_inputs(&refs, &separate.iter().collect::<Vec<_>>(), &opts).unwrap();
+    assert_eq!(one.targets, two.targets);
+    assert_eq!(one.targets.len(), 3);
+    let names = |r: &merge::MergeReport| r.targets.iter().map(|t| (t.name.clone(), t.norm.to_bits(), t.residual.to_bits())).collect::<Vec<_>>();
+    assert_eq!(names(&r1), names(&r2));
+    // And the shared Gram is the right one: q alone, merged with only its own rows, agrees.
+    let q_only: Vec<LoraAdapter> = tasks
+        .iter()
+        .map(|t| {
+            let mut a = LoraAdapter::new("llama", t.alpha);
+            a.targets.insert("blk.0.attn_q.weight".into(), t.targets["blk.0.attn_q.weight"].clone());
+            a
+        })
+        .collect();
+    let q_inputs: Vec<merge::TaskInputs> =
+        shared.iter().map(|ti| ti.iter().filter(|(k, _)| k.contains("attn_q")).map(|(k, v)| (k.clone(), *v)).collect()).collect();
+    let (q, _) = merge::merge_with_inputs(&q_only.iter().collect::<Vec<_>>(), &q_inputs.iter().collect::<Vec<_>>(), &opts).unwrap();
+    assert_eq!(q.targets["blk.0.attn_q.weight"], one.targets["blk.0.attn_q.weight"]);
+}

@@ -287,38 +287,73 @@ fn merge_impl(inputs: &[&LoraAdapter], task_inputs: Option<&[&TaskInputs<'_>]>, 
         }
     }
     let wabs: f32 = weights.iter().map(|w| w.abs()).sum();
-    let names: Vec<&String> = names.into_iter().collect();
-    let results = names
-        .par_iter()
-        .map(|name| {
-            let parts: Vec<Part> = inputs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, a)| a.targets.get(*name).map(|t| Part { input: i, weight: weights[i], coef: weights[i] * a.scale(t), t }))
-                .collect();
-            let (target, norm, residual) = match opts.method {
-                Method::Cat => cat_target(&parts),
-                Method::Svd => {
-                    let (target, norm, residual, _) = svd_target(&parts, rank)?;
-                    (target, norm, residual)
+    let parts_of = |name: &String| -> Vec<Part> {
+        inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.targets.get(name).map(|t| Part { input: i, weight: weights[i], coef: weights[i] * a.scale(t), t }))
+            .collect()
+    };
+    let rows_of = |name: &String, parts: &[Part]| -> Option<Vec<InputRows<'_>>> {
+        parts.iter().map(|p| task_inputs.and_then(|ti| ti[p.input].get(name).copied())).collect()
+    };
+    // Targets that read the same input rows (q, k and v of a block) share regmean's Grams and
+    // Cholesky factor, which are most of its cost: each group is merged by one rayon task.
+    let groups: Vec<Vec<&String>> = if opts.method == Method::Regmean {
+        // Keyed by each part's input and the address and size of its rows: equal keys mean
+        // equal Grams and weights, so the shared results are bitwise those of separate ones.
+        let mut by_rows: BTreeMap<Vec<(usize, usize, usize, usize)>, Vec<&String>> = BTreeMap::new();
+        let mut alone = Vec::new();
+        for name in names {
+            let parts = parts_of(name);
+            match rows_of(name, &parts) {
+                Some(rows) => {
+                    let key = parts.iter().zip(&rows).map(|(p, x)| (p.input, x.data.as_ptr() as usize, x.rows, x.n_in)).collect();
+                    by_rows.entry(key).or_default().push(name);
                 }
-                Method::Linear => linear_target(&parts),
-                Method::Regmean => {
-                    let rows: Option<Vec<InputRows>> = parts.iter().map(|p| task_inputs.and_then(|ti| ti[p.input].get(*name).copied())).collect();
-                    match rows {
-                        Some(rows) => regmean_target(name, &parts, &rows, rank)?,
+                None => alone.push(vec![name]),
+            }
+        }
+        by_rows.into_values().chain(alone).collect()
+    } else {
+        names.into_iter().map(|name| vec![name]).collect()
+    };
+    let results = groups
+        .par_iter()
+        .map(|group| {
+            let mut basis: Option<RegmeanBasis> = None;
+            let mut done = Vec::with_capacity(group.len());
+            for name in group {
+                let parts = parts_of(name);
+                let (target, norm, residual) = match opts.method {
+                    Method::Cat => cat_target(&parts),
+                    Method::Svd => {
+                        let (target, norm, residual, _) = svd_target(&parts, rank)?;
+                        (target, norm, residual)
+                    }
+                    Method::Linear => linear_target(&parts),
+                    Method::Regmean => match rows_of(name, &parts) {
+                        Some(rows) => {
+                            if basis.is_none() {
+                                basis = Some(regmean_basis(name, &parts, &rows)?);
+                            }
+                            regmean_target(&parts, basis.as_ref().expect("set above"), rank)?
+                        }
                         None => {
                             let (target, norm, residual, _) = svd_target(&parts, rank)?;
                             (target, norm, residual)
                         }
-                    }
-                }
-                Method::Ties | Method::Dare => dense_target(name, &parts, rank, opts, wabs)?,
-            };
-            let report = TargetReport { name: (*name).clone(), rank: target.rank, norm, residual };
-            Ok(((*name).clone(), target, report))
+                    },
+                    Method::Ties | Method::Dare => dense_target(name, &parts, rank, opts, wabs)?,
+                };
+                let report = TargetReport { name: (*name).clone(), rank: target.rank, norm, residual };
+                done.push(((*name).clone(), target, report));
+            }
+            Ok(done)
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut results: Vec<(String, LoraTarget, TargetReport)> = results.into_iter().flatten().collect();
+    results.sort_by(|x, y| x.0.cmp(&y.0));
 
     let mut out = LoraAdapter::new(inputs[0].architecture.clone(), 0.0);
     out.metadata = common_metadata(inputs);
@@ -487,11 +522,17 @@ fn columns_f32(m: &Mat<f64>) -> Vec<f32> {
     (0..m.ncols()).flat_map(|j| m.col(j).try_as_col_major().unwrap().as_slice().iter().map(|v| *v as f32)).collect()
 }
 
-/// The regmean operator on one target (module docs); `rows[k]` are part k's task inputs.
-/// Norm and residual are measured in the inputs' norm (`|| . L||_F`).
-fn regmean_target(name: &str, parts: &[Part], rows: &[InputRows], rank: usize) -> Result<(LoraTarget, f64, f64)> {
-    let (n_out, n_in) = shape(parts);
-    let wsum: f64 = parts.iter().map(|p| p.weight.abs() as f64).sum();
+/// What regmean needs of a target's inputs alone: each part's scaled Gram `G_k` and the
+/// Cholesky factor `L` of `H = sum |w_k| G_k`. Targets whose parts read the same rows with the
+/// same weights share it.
+struct RegmeanBasis {
+    grams: Vec<Mat<f64>>,
+    l: Mat<f64>,
+}
+
+/// `rows[k]` are part k's task inputs.
+fn regmean_basis(name: &str, parts: &[Part], rows: &[InputRows]) -> Result<RegmeanBasis> {
+    let (_, n_in) = shape(parts);
     let mut grams = Vec::with_capacity(parts.len());
     let mut h = Mat::<f64>::zeros(n_in, n_in);
     for (p, x) in parts.iter().zip(rows) {
@@ -513,10 +554,19 @@ fn regmean_target(name: &str, parts: &[Part], rows: &[InputRows], rank: usize) -
     }
     let mean_diag = (0..n_in).map(|i| h[(i, i)]).sum::<f64>() / n_in as f64;
     let l = linalg::cholesky_psd(h, (mean_diag * 1e-6).max(f64::MIN_POSITIVE), Par::Seq)?;
+    Ok(RegmeanBasis { grams, l })
+}
+
+/// The regmean operator on one target (module docs), on its parts' [`RegmeanBasis`]. Norm and
+/// residual are measured in the inputs' norm (`|| . L||_F`).
+fn regmean_target(parts: &[Part], basis: &RegmeanBasis, rank: usize) -> Result<(LoraTarget, f64, f64)> {
+    let (n_out, n_in) = shape(parts);
+    let wsum: f64 = parts.iter().map(|p| p.weight.abs() as f64).sum();
+    let (grams, l) = (&basis.grams, &basis.l);
     // Part k in the whitened space: B_k (A_k G_k L^{-T}); its A^T is L^{-1} G_k A_k^T.
     let whitened: Vec<LoraTarget> = parts
         .iter()
-        .zip(&grams)
+        .zip(grams)
         .map(|(p, g)| {
             let r = p.t.rank;
             let at = Mat::<f64>::from_fn(n_in, r, |i, k| p.t.a[k * n_in + i] as f64);
