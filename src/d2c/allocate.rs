@@ -64,8 +64,10 @@ pub(crate) struct Inputs<'a> {
     /// Other storage types each size may also ship in (uniform ranks only).
     pub storage_types: &'a [DType],
     pub max_files: usize,
-    /// Rank of a group's merge (SVD of the plain average).
+    /// Rank of a group's merge (of the plain average).
     pub merge_rank: usize,
+    /// Operator of a group's merge: the run's `--method` where the pool has what it needs.
+    pub merge_method: Method,
 }
 
 pub(crate) struct Allocation {
@@ -292,7 +294,7 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
         for &(_, a, b) in pairs.iter().take(PAIR_CANDIDATES) {
             let mut members = [groups[a].members.clone(), groups[b].members.clone()].concat();
             members.sort_unstable();
-            let merged = inp.pool.merge(&members, Method::Svd, 1.0, inp.merge_rank)?;
+            let merged = inp.pool.merge(&members, inp.merge_method, 1.0, inp.merge_rank)?;
             let full = ev.write_candidate(&merged, &inp.pool.input_paths())?;
             let group = make_group(ev, inp, members, full.clone(), &merged, true)?;
             let before = groups[a].floor().candidate.bytes + groups[b].floor().candidate.bytes;
