@@ -85,7 +85,7 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
     let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
     let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
     let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed, inputs: activations.as_ref() };
-    let groups = set.groups(&work.tasks, Some(&name))?;
+    let groups = set.groups(&work.tasks, Some(&name));
     let current: Vec<Candidate> = set.candidates()?;
 
     // The screen: the task under each adapter as it ships now.
@@ -382,7 +382,7 @@ impl<'a> Deployed<'a> {
 
     /// The clusters as task indices into `tasks` (ascending, as `merge` made them), without
     /// `except`.
-    fn groups(&self, tasks: &[Task], except: Option<&str>) -> Result<Vec<Vec<usize>>> {
+    fn groups(&self, tasks: &[Task], except: Option<&str>) -> Vec<Vec<usize>> {
         let index: BTreeMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
         let mut groups = vec![Vec::new(); self.manifest.adapters.len()];
         for (task, &c) in &self.manifest.tasks {
@@ -393,7 +393,7 @@ impl<'a> Deployed<'a> {
         for g in &mut groups {
             g.sort_unstable();
         }
-        Ok(groups)
+        groups
     }
 
     fn candidates(&self) -> Result<Vec<Candidate>> {
