@@ -1,7 +1,10 @@
 //! Merge speed: `svd` merge of 8 rank-16 adapters over all 7 projections, on SmolLM2's shapes
-//! and on a 1B-class shape. Not a timed test: it prints what it measures.
+//! and on a 1B-class shape; and `regmean` of the same 8 on SmolLM2's shapes, with each task's
+//! input rows shared by the projections that read them (as `merge` captures them: q/k/v, and
+//! gate/up) against one copy per projection (every Gram and Cholesky made per target).
+//! Not a timed test: it prints what it measures.
 //!
-//!   cargo bench --bench merge                 our svd merge in-process on both shapes
+//!   cargo bench --bench merge                 our svd merges on both shapes, then regmean
 //!   merge gen smollm2|1b DIR [--layers N]     write the 8 inputs (DIR/input_K.gguf, f32)
 //!   merge error DIR MERGED.gguf               relative error of MERGED against the average of
 //!                                             DIR's inputs, and the optimal (Eckart-Young) one
@@ -139,7 +142,79 @@ fn main() {
                     report.relative_error()
                 );
             }
+            regmean_sharing();
         }
         Some(other) => panic!("unknown subcommand {other} (gen, error, or none)"),
     }
+}
+
+/// Rows per task and input, as `merge` keeps them: 16 positions of each of 10 examples.
+const REGMEAN_ROWS: usize = 160;
+
+fn regmean_sharing() {
+    for attention_only in [false, true] {
+        let mut inputs = inputs("smollm2", None);
+        if attention_only {
+            // The quality benchmark's adapters: q, k, v and o.
+            for a in &mut inputs {
+                a.targets.retain(|name, _| name.contains(".attn_"));
+            }
+        }
+        regmean_sharing_on(&inputs, if attention_only { "q/k/v/o only" } else { "all 7 projections" });
+    }
+}
+
+fn regmean_sharing_on(inputs: &[LoraAdapter], what: &str) {
+    use d2c_gguf::interference::InputRows;
+    let refs: Vec<&LoraAdapter> = inputs.iter().collect();
+    // The tensor each projection reads: q/k/v the attention norm's output, gate/up the FFN
+    // norm's; the output and down projections their own.
+    let source = |name: &str| -> String {
+        let (block, module) = name.rsplit_once('.').unwrap().0.rsplit_once('.').unwrap();
+        let shared = match module {
+            "attn_q" | "attn_k" | "attn_v" => "attn_in",
+            "ffn_gate" | "ffn_up" => "ffn_in",
+            m => m,
+        };
+        format!("{block}.{shared}")
+    };
+    let mut rng = synth::rng(7);
+    // Per task: one buffer per source tensor; and one copy per target.
+    let mut shared: Vec<std::collections::BTreeMap<String, Vec<f32>>> = Vec::new();
+    for a in inputs {
+        let mut by_source = std::collections::BTreeMap::new();
+        for (name, t) in &a.targets {
+            by_source.entry(source(name)).or_insert_with(|| synth::matrix(&mut rng, REGMEAN_ROWS, t.n_in, 1.0));
+        }
+        shared.push(by_source);
+    }
+    let copies: Vec<std::collections::BTreeMap<String, Vec<f32>>> =
+        inputs.iter().zip(&shared).map(|(a, s)| a.targets.keys().map(|n| (n.clone(), s[&source(n)].clone())).collect()).collect();
+    let opts = MergeOptions { method: Method::Regmean, rank: Some(RANK), ..Default::default() };
+    let mut secs = Vec::new();
+    for (label, per_task) in [("one copy per projection", &copies), ("rows shared (as merge keeps them)", &shared)] {
+        let task_inputs: Vec<merge::TaskInputs> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.targets
+                    .iter()
+                    .map(|(n, t)| {
+                        // `copies` is keyed by target, `shared` by the tensor read.
+                        let data = per_task[i].get(n).unwrap_or_else(|| &per_task[i][&source(n)]);
+                        (n.clone(), InputRows { rows: REGMEAN_ROWS, n_in: t.n_in, data: data.as_slice() })
+                    })
+                    .collect()
+            })
+            .collect();
+        let t = Instant::now();
+        let (merged, _) = merge::merge_with_inputs(&refs, &task_inputs.iter().collect::<Vec<_>>(), &opts).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "smollm2  regmean merge of {N_INPUTS} x rank {RANK}, {what}, {REGMEAN_ROWS} rows per task and input, {label}: {s:.3} s ({} targets)",
+            merged.targets.len()
+        );
+        secs.push(s);
+    }
+    println!("smollm2  regmean, {what}: sharing the rows' Grams is {:.2}x as fast", secs[0] / secs[1]);
 }

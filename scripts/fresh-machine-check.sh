@@ -37,63 +37,26 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(id -u)" -eq 0 ] || { echo "fresh-machine-check: needs root (debootstrap, chroot, mounts)" >&2; exit 2; }
-if ! command -v debootstrap >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null \
-    || { echo "fresh-machine-check: install debootstrap by hand (apt-get install debootstrap)" >&2; exit 1; }
-fi
+. scripts/lib/chroot.sh
 RUSTUP_DIR="${RUSTUP_HOME:-$HOME/.rustup}"
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 [ -x "$CARGO_BIN/cargo" ] && [ -d "$RUSTUP_DIR/toolchains" ] \
   || { echo "fresh-machine-check: no rustup toolchain on the host ($RUSTUP_DIR, $CARGO_BIN)" >&2; exit 1; }
 TOOLCHAIN="$(rustup show active-toolchain | cut -d' ' -f1)"
 
-MIRROR="${DEBIAN_MIRROR:-}"
-if [ -z "$MIRROR" ]; then
-  MIRROR="$(grep -rhoE '^(URIs: |deb )[^ ]*https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | grep -v security | head -1 | grep -oE 'https?://[^ ]+' || true)"
-  MIRROR="${MIRROR:-http://deb.debian.org/debian}"
-fi
-
 ROOT="${D2C_FRESH_ROOT:-/var/tmp/d2c-fresh-root}"
-mounted=()
 cleanup() {
-  local i
-  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[$i]}" 2>/dev/null || true; done
+  unmount_all
   [ "$KEEP" -eq 1 ] || rm -rf --one-file-system "$ROOT"
 }
 trap cleanup EXIT
-bind() {  # bind SRC DST [ro]
-  mkdir -p "$2"
-  mount --bind "$1" "$2"; mounted+=("$2")
-  [ "${3:-}" != ro ] || mount -o remount,bind,ro "$2"
-}
 
 if [ "$REUSE" -eq 1 ]; then
   [ -d "$ROOT/root/d2c-gguf/.git" ] || { echo "fresh-machine-check: --reuse needs a root kept by --keep at $ROOT" >&2; exit 2; }
 else
-  rm -rf --one-file-system "$ROOT"
-  echo "== debootstrap $SUITE (minbase) from $MIRROR into $ROOT" >&2
-  t0=$SECONDS
-  debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 \
-    || { tail -30 "$ROOT.debootstrap.log" >&2; exit 1; }
-  echo "   $((SECONDS - t0)) s" >&2
+  debootstrap_root "$SUITE" "$ROOT" || exit 1
 fi
-# The root must be a mount point, as / is on a machine: `unshare -m --propagation private`
-# (the fault tests' private tmpfs) refuses a root that is only a chroot directory.
-mount --bind "$ROOT" "$ROOT"; mounted+=("$ROOT")
-cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-# The network, not the machine: where HTTPS leaves through a proxy with its own CA (as in the
-# workplace this was written in), the root gets the host's extra CA certificates and pip's
-# setting to use the system store. A machine on the open internet needs neither.
-if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
-  cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
-  chroot "$ROOT" update-ca-certificates >/dev/null 2>&1
-fi
-[ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOT/etc/pip.conf"
-mount -t proc proc "$ROOT/proc"; mounted+=("$ROOT/proc")
-bind /dev "$ROOT/dev"
-mount -t devpts devpts "$ROOT/dev/pts" 2>/dev/null && mounted+=("$ROOT/dev/pts") || true
-mount -t sysfs sys "$ROOT/sys"; mounted+=("$ROOT/sys")
+mount_root "$ROOT"
 # The toolchain, read-only: the root's own cargo home starts empty.
 bind "$RUSTUP_DIR" "$ROOT/opt/rustup" ro
 bind "$CARGO_BIN" "$ROOT/opt/cargo-bin" ro
