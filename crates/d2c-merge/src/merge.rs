@@ -235,6 +235,9 @@ pub fn merge_with_inputs(inputs: &[&LoraAdapter], task_inputs: &[&TaskInputs<'_>
     merge_impl(inputs, Some(task_inputs), opts)
 }
 
+/// One part's input rows, as regmean's grouping compares them: (input, address, rows, width).
+type RowsKey = (usize, usize, usize, usize);
+
 /// One input's share of one target: delta = `coef * B A`, `coef = w_i * s_i`.
 struct Part<'a> {
     input: usize,
@@ -302,7 +305,7 @@ fn merge_impl(inputs: &[&LoraAdapter], task_inputs: Option<&[&TaskInputs<'_>]>, 
     let groups: Vec<Vec<&String>> = if opts.method == Method::Regmean {
         // Keyed by each part's input and the address and size of its rows: equal keys mean
         // equal Grams and weights, so the shared results are bitwise those of separate ones.
-        let mut by_rows: BTreeMap<Vec<(usize, usize, usize, usize)>, Vec<&String>> = BTreeMap::new();
+        let mut by_rows: BTreeMap<Vec<RowsKey>, Vec<&String>> = BTreeMap::new();
         let mut alone = Vec::new();
         for name in names {
             let parts = parts_of(name);
