@@ -66,7 +66,7 @@ pub(crate) struct Inputs<'a> {
     pub max_files: usize,
     /// Rank of a group's merge (of the plain average).
     pub merge_rank: usize,
-    /// Operator of a group's merge: the run's `--method` where the pool has what it needs.
+    /// Operator of a group's merge: the run's `--method`.
     pub merge_method: Method,
 }
 

@@ -99,7 +99,8 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
             storage_types: &opts.storage_types,
             max_files,
             merge_rank: tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(1),
-            merge_method: if opts.method.needs_inputs() && pool.inputs.is_none() { merge::Method::Svd } else { opts.method },
+            // The pool holds the tasks' inputs whenever --method needs them (TaskActivations::for_run).
+            merge_method: opts.method,
         };
         let a = allocate::allocate(&mut ev, &inputs)?;
         stages.done("allocation", t);

@@ -302,52 +302,51 @@ fn merge_impl(inputs: &[&LoraAdapter], task_inputs: Option<&[&TaskInputs<'_>]>, 
     };
     // Targets that read the same input rows (q, k and v of a block) share regmean's Grams and
     // Cholesky factor, which are most of its cost: each group is merged by one rayon task.
-    let groups: Vec<Vec<&String>> = if opts.method == Method::Regmean {
+    let groups: Vec<Vec<(&String, Vec<Part>)>> = if opts.method == Method::Regmean {
         // Keyed by each part's input and the address and size of its rows: equal keys mean
         // equal Grams and weights, so the shared results are bitwise those of separate ones.
-        let mut by_rows: BTreeMap<Vec<RowsKey>, Vec<&String>> = BTreeMap::new();
+        let mut by_rows: BTreeMap<Vec<RowsKey>, Vec<(&String, Vec<Part>)>> = BTreeMap::new();
         let mut alone = Vec::new();
         for name in names {
             let parts = parts_of(name);
             match rows_of(name, &parts) {
                 Some(rows) => {
                     let key = parts.iter().zip(&rows).map(|(p, x)| (p.input, x.data.as_ptr() as usize, x.rows, x.n_in)).collect();
-                    by_rows.entry(key).or_default().push(name);
+                    by_rows.entry(key).or_default().push((name, parts));
                 }
-                None => alone.push(vec![name]),
+                None => alone.push(vec![(name, parts)]),
             }
         }
         by_rows.into_values().chain(alone).collect()
     } else {
-        names.into_iter().map(|name| vec![name]).collect()
+        names.into_iter().map(|name| vec![(name, parts_of(name))]).collect()
     };
     let results = groups
         .par_iter()
         .map(|group| {
             let mut basis: Option<RegmeanBasis> = None;
             let mut done = Vec::with_capacity(group.len());
-            for name in group {
-                let parts = parts_of(name);
+            for (name, parts) in group {
                 let (target, norm, residual) = match opts.method {
-                    Method::Cat => cat_target(&parts),
+                    Method::Cat => cat_target(parts),
                     Method::Svd => {
-                        let (target, norm, residual, _) = svd_target(&parts, rank)?;
+                        let (target, norm, residual, _) = svd_target(parts, rank)?;
                         (target, norm, residual)
                     }
-                    Method::Linear => linear_target(&parts),
-                    Method::Regmean => match rows_of(name, &parts) {
+                    Method::Linear => linear_target(parts),
+                    Method::Regmean => match rows_of(name, parts) {
                         Some(rows) => {
                             if basis.is_none() {
-                                basis = Some(regmean_basis(name, &parts, &rows)?);
+                                basis = Some(regmean_basis(name, parts, &rows)?);
                             }
-                            regmean_target(&parts, basis.as_ref().expect("set above"), rank)?
+                            regmean_target(parts, basis.as_ref().expect("set above"), rank)?
                         }
                         None => {
-                            let (target, norm, residual, _) = svd_target(&parts, rank)?;
+                            let (target, norm, residual, _) = svd_target(parts, rank)?;
                             (target, norm, residual)
                         }
                     },
-                    Method::Ties | Method::Dare => dense_target(name, &parts, rank, opts, wabs)?,
+                    Method::Ties | Method::Dare => dense_target(name, parts, rank, opts, wabs)?,
                 };
                 let report = TargetReport { name: (*name).clone(), rank: target.rank, norm, residual };
                 done.push(((*name).clone(), target, report));
