@@ -489,6 +489,11 @@ struct MergeArgs {
     /// ranks the moves to judge, which are judged on every example.
     #[arg(long, default_value_t = DEFAULTS.screen_examples)]
     screen_examples: usize,
+    /// How d2c scores a cluster whose merge is fitted to the examples' inputs (regmean): fitted
+    /// on one half of each member's examples and scored on the other, both ways (`cross-fit`),
+    /// or fitted and scored on all of them (`in-sample`). What ships is the fit on all.
+    #[arg(long, default_value_t = DEFAULTS.judge)]
+    judge: d2c_gguf::d2c::Judge,
     /// Seed of random starts and partitions, dare's masks and the randomised SVD.
     #[arg(long, default_value_t = DEFAULTS.seed)]
     seed: u64,
@@ -568,6 +573,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.restarts = a.restarts as usize;
     o.screen = a.screen;
     o.screen_examples = a.screen_examples;
+    o.judge = a.judge;
     o.seed = a.seed;
     o.threads = a.threads;
     o.dtype = a.dtype;

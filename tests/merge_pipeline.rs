@@ -534,3 +534,63 @@ fn truncation_keeps_every_task_apart_within_the_bytes() {
     assert!(e.contains("--budget") && e.contains("at least"), "{e}");
     assert!(!out.exists());
 }
+
+/// Cache entries (adapter hash, samples key) of a `--cache` directory's scores.
+fn cached_scores(cache: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(cache.join("scores.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let key = v["key"].as_str().unwrap();
+            let mut parts = key.rsplitn(3, ':');
+            let samples = parts.next().unwrap().to_string();
+            let adapter = parts.next().unwrap().to_string();
+            (adapter, samples)
+        })
+        .collect()
+}
+
+#[test]
+fn cross_fitting_scores_each_half_of_the_examples_under_the_merge_fitted_on_the_other() {
+    let dir = common::tempdir();
+    let seed = bad_random_seed().to_string();
+    let run = |judge: &str| {
+        let (out, cache) = (dir.path().join(format!("out-{judge}")), dir.path().join(format!("cache-{judge}")));
+        let (code, o, e) = merge(
+            &["--budget", "2", "--strategy", "random", "--seed", &seed, "--no-tune", "--judge", judge, "--cache", common::path_str(&cache)],
+            &out,
+        );
+        assert_eq!(code, 0, "{o}{e}");
+        let m = check_manifest(&out);
+        assert_eq!(m.settings["judge"], judge);
+        assert_eq!(m.settings["method"], "regmean");
+        (m, cached_scores(&cache))
+    };
+    let (m, scores) = run("cross-fit");
+    for (task, &c) in &m.tasks {
+        assert_eq!(m.adapters[c].tasks.len(), 2, "{task}: every cluster of this partition is shared");
+        let samples = task_set().join("samples").join(format!("{task}.jsonl"));
+        let h = hash_file(&samples).unwrap();
+        let n = std::fs::read_to_string(&samples).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+        assert!(n >= 2, "{task}: {n} examples cannot be split");
+        // The first half (rounded up) judged under one merge, the rest under another, neither
+        // of them the merge fitted on all of them (what ships, scored on all of them).
+        let split = n.div_ceil(2);
+        let under = |range: &str| -> Vec<&String> { scores.iter().filter(|(_, s)| *s == format!("{h}{range}")).map(|(a, _)| a).collect() };
+        let (first, second) = (under(&format!("[..{split}]")), under(&format!("[{split}..{n}]")));
+        assert_eq!((first.len(), second.len()), (1, 1), "{task}: {scores:?}");
+        assert_ne!(first[0], second[0], "{task}: both halves scored under one merge");
+        let shipped = &m.adapters[c].blake3;
+        assert!(first[0] != shipped && second[0] != shipped, "{task}: a half scored under the merge fitted on it");
+        assert!(scores.iter().any(|(a, s)| a == shipped && *s == h), "{task}: the shipped merge is scored on every example");
+    }
+    // The two halves' merges are fitted on different examples, so they differ from the full
+    // fit; judged in sample, no half is ever scored.
+    let (m_in, scores_in) = run("in-sample");
+    assert!(scores_in.iter().all(|(_, s)| !s.contains('[')), "{scores_in:?}");
+    assert_eq!(groups_of(&m_in), groups_of(&m));
+    // What ships is the same fit either way: the judge only changes what the search sees.
+    let files = |m: &Manifest| m.adapters.iter().map(|a| a.blake3.clone()).collect::<Vec<_>>();
+    assert_eq!(files(&m_in), files(&m));
+    assert!(m.rounds[0].objective.is_finite() && m_in.rounds[0].objective.is_finite());
+}

@@ -44,9 +44,11 @@ ALLOCATOR_REVISION = 2
 # 2 = the moves judged picked by the activation model, every start polished under it (session
 # 9's first try); 3 = the N x K scored screen on each task's first 3 examples (merge
 # --screen-examples 3, the default), the --init start also polished by the activation model.
-# "d2c-activations" is revision 3 with `--screen activations`.
-D2C_REVISION = 3
-D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl")
+# "d2c-activations" is revision 3 with `--screen activations`. 4 = clusters judged cross-fitted
+# (merge --judge cross-fit, the default: each half of a member's examples scored under the regmean
+# fit on the other half); "d2c-insample" is revision 4 with `--judge in-sample`, revision 3's search.
+D2C_REVISION = 4
+D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample")
 
 
 def sh(args: list[str]) -> str:
@@ -221,6 +223,8 @@ def run(args: argparse.Namespace) -> None:
                 extra = ["--init", "random"]
             if strategy == "d2c-activations":
                 extra = ["--screen", "activations"]
+            if strategy == "d2c-insample":
+                extra = ["--judge", "in-sample"]
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
@@ -349,7 +353,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):

@@ -372,7 +372,7 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
 /// rank that fits (`truncate`); scored: (mean regret, mean share of each task's energy kept,
 /// the sizes). None where the cut does not fit.
 fn baseline_split(ev: &mut Evaluator, inp: &Inputs<'_>, dtype: DType, uniform: bool) -> Result<Option<(f64, f64, Vec<Size>)>> {
-    let refs: Vec<&LoraAdapter> = inp.pool.tasks.iter().map(|t| &t.adapter).collect();
+    let refs: Vec<&LoraAdapter> = inp.pool.tasks.iter().map(|t| &*t.adapter).collect();
     let cut = if uniform {
         compress::largest_uniform_rank(&refs, dtype, inp.budget_bytes)
             .map(|(r, cut)| (refs.iter().map(|a| compress::uniform_ranks(a, r)).collect(), cut))

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::inputs::TaskActivations;
 use super::score_cache::{Cached, ScoreCache};
-use super::tasks::{input_paths, Task};
+use super::tasks::{input_paths, pick, Task};
 use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
 use crate::error::{Error, Result};
 use crate::gguf::Value;
@@ -105,19 +105,24 @@ impl Evaluator {
     /// As [`Self::scores`], with the adapter applied at `scale` (as llama-server's per-request
     /// `lora` scale applies it).
     pub(crate) fn scores_at(&mut self, candidate: Option<&Candidate>, scale: f32, tasks: &[&Task]) -> Result<Vec<TaskScore>> {
+        Ok(self.counts_at(candidate, scale, tasks)?.iter().map(Cached::task_score).collect())
+    }
+
+    /// As [`Self::scores_at`], as counts (tokens and examples), which add up across example sets.
+    pub(crate) fn counts_at(&mut self, candidate: Option<&Candidate>, scale: f32, tasks: &[&Task]) -> Result<Vec<Cached>> {
         // Scale 1 keeps the key of every score cached before scales were tried.
         let adapter_key = match candidate {
             None => "base".to_string(),
             Some(c) if scale == 1.0 => c.hash.clone(),
             Some(c) => format!("{}@{scale}", c.hash),
         };
-        let mut out = vec![TaskScore { nll: f64::NAN, exact: f64::NAN }; tasks.len()];
+        let mut out = vec![Cached { mean_nll: f64::NAN, tokens: 0, exact: 0, samples: 0 }; tasks.len()];
         let mut todo = Vec::new();
         for (i, t) in tasks.iter().enumerate() {
             let key = self.cache.key(&adapter_key, &t.samples_hash);
             match self.cache.get(&key) {
                 Some(cached) => {
-                    out[i] = cached.task_score();
+                    out[i] = cached;
                     self.cached_sequences += t.samples.len();
                 }
                 None => todo.push((i, key)),
@@ -146,7 +151,7 @@ impl Evaluator {
         for ((i, key), r) in todo.into_iter().zip(results) {
             self.scored_sequences += tasks[i].samples.len();
             let cached = Cached { mean_nll: r.mean_nll, tokens: r.tokens, exact: r.exact, samples: tasks[i].samples.len() };
-            out[i] = cached.task_score();
+            out[i] = cached;
             self.cache.put(key, cached)?;
         }
         Ok(out)
@@ -177,17 +182,28 @@ pub(crate) struct Pool<'a> {
     pub seed: u64,
     /// Every task's inputs, where an operator that needs them (`regmean`) may be tried.
     pub inputs: Option<&'a TaskActivations>,
+    /// Whether [`Pool::judge`] cross-fits the merges that are fitted to the examples' inputs.
+    pub cross_fit: bool,
 }
 
 impl Pool<'_> {
     /// The members' average (times `scale`) under `method`, at `rank`, named after its tasks.
     pub(crate) fn merge(&self, members: &[usize], method: Method, scale: f32, rank: usize) -> Result<LoraAdapter> {
-        let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &self.tasks[i].adapter).collect();
+        self.merge_fitted(members, method, scale, rank, None)
+    }
+
+    /// As [`Self::merge`]; an operator fitted to the examples' inputs sees only fold `fold` of
+    /// each member's examples where one is given ([`TaskActivations::fold_of`]).
+    fn merge_fitted(&self, members: &[usize], method: Method, scale: f32, rank: usize, fold: Option<usize>) -> Result<LoraAdapter> {
+        let inputs: Vec<&LoraAdapter> = members.iter().map(|&i| &*self.tasks[i].adapter).collect();
         let w = scale / members.len() as f32;
         let mo = MergeOptions { method, rank: Some(rank), weights: Some(vec![w; members.len()]), density: self.density, seed: self.seed };
         let mut merged = match (method.needs_inputs(), self.inputs) {
             (true, Some(acts)) => {
-                let rows = acts.of(members);
+                let rows = match fold {
+                    None => acts.of(members),
+                    Some(f) => acts.fold_of(members, f),
+                };
                 merge::merge_with_inputs(&inputs, &rows.iter().collect::<Vec<_>>(), &mo)?.0
             }
             (true, None) => return Err(Error::Internal(format!("{method} was tried without the tasks' activations"))),
@@ -220,6 +236,75 @@ impl Pool<'_> {
         };
         let scores = ev.scores(Some(&cand), scored)?;
         Ok((cand, scores))
+    }
+
+    /// The scores of `set[i]` for each `i` in `scored` (`set`: every task's examples, in task
+    /// order, or the first few of each) under the cluster `members` merged as [`Self::eval`]
+    /// merges it, judged out of sample: where `cross_fit` is on and `method` is fitted to the
+    /// examples' inputs (`regmean`), two merges are made, each fitted on one half of every
+    /// member's examples, and each member's examples are scored under the merge that did not
+    /// see them (tasks outside the cluster under the first). Fitted and judged on the same
+    /// examples, every grouping looks nearly as good as the own adapters, and the search
+    /// cannot tell which merges will hold on new inputs. What ships is still the fit on every
+    /// example ([`Self::eval`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn judge(
+        &self,
+        ev: &mut Evaluator,
+        members: &[usize],
+        method: Method,
+        scale: f32,
+        rank: usize,
+        set: &[Task],
+        scored: &[usize],
+    ) -> Result<Vec<TaskScore>> {
+        let splittable = members.iter().all(|&i| self.tasks[i].fold_split() > 0);
+        if !(self.cross_fit && method.needs_inputs() && members.len() > 1 && splittable && self.compressed.is_none()) {
+            let (_, got) = self.eval(ev, members, method, scale, rank, &pick(set, scored))?;
+            return Ok(got);
+        }
+        let input_paths = self.input_paths();
+        // fitted[f]: the merge that saw only fold f of each member's examples.
+        let fitted = [0, 1].map(|f| self.merge_fitted(members, method, scale, rank, Some(f)).and_then(|m| ev.write_candidate(&m, &input_paths)));
+        let [first, second] = fitted;
+        let (first, second) = (first?, second?);
+        // (example set, scored under fold-0 fit?) pieces, and which entry of `scored` each adds to.
+        let mut under = [Vec::new(), Vec::new()];
+        let mut views: Vec<(usize, Task)> = Vec::new();
+        for (at, &i) in scored.iter().enumerate() {
+            if !members.contains(&i) {
+                views.push((at, set[i].clone()));
+                under[0].push(views.len() - 1);
+                continue;
+            }
+            // `set[i]` holds the task's first examples; those before the split were fitted
+            // by the fold-0 merge and are judged under the fold-1 one, the rest the other way.
+            let (split, len) = (self.tasks[i].fold_split(), set[i].samples.len());
+            let whole = &self.tasks[i];
+            if split > 0 && len > 0 {
+                views.push((at, whole.examples(0..split.min(len))));
+                under[1].push(views.len() - 1);
+            }
+            if len > split {
+                views.push((at, whole.examples(split..len)));
+                under[0].push(views.len() - 1);
+            }
+        }
+        let mut total: Vec<Option<Cached>> = vec![None; scored.len()];
+        for (fold, candidate) in [(0, &first), (1, &second)] {
+            let tasks: Vec<&Task> = under[fold].iter().map(|&v| &views[v].1).collect();
+            if tasks.is_empty() {
+                continue;
+            }
+            for (&v, got) in under[fold].iter().zip(ev.counts_at(Some(candidate), 1.0, &tasks)?) {
+                let at = views[v].0;
+                total[at] = Some(match total[at] {
+                    None => got,
+                    Some(before) => before.plus(&got),
+                });
+            }
+        }
+        total.into_iter().map(|t| t.map(|c| c.task_score()).ok_or_else(|| Error::Internal("a task with no examples was judged".into()))).collect()
     }
 
     /// Never overwritten by a candidate.

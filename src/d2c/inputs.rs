@@ -26,10 +26,13 @@ pub(crate) struct TaskActivations(Vec<SharedInputs>);
 struct SharedInputs {
     distinct: Vec<ProjectionInputs>,
     by_target: BTreeMap<String, usize>,
+    /// Rows that come from the examples before the task's [`Task::fold_split`] (the rows are
+    /// kept in example order, so each fold's are one contiguous run).
+    fold_rows: usize,
 }
 
 impl SharedInputs {
-    fn new(captured: BTreeMap<String, ProjectionInputs>) -> Self {
+    fn new(captured: BTreeMap<String, ProjectionInputs>, fold_rows: usize) -> Self {
         let mut distinct: Vec<ProjectionInputs> = Vec::new();
         // (block prefix `blk.N.`, index): only a block's own projections can share an input.
         let mut blocks: Vec<(String, usize)> = Vec::new();
@@ -44,7 +47,7 @@ impl SharedInputs {
             });
             by_target.insert(name, at);
         }
-        SharedInputs { distinct, by_target }
+        SharedInputs { distinct, by_target, fold_rows }
     }
 }
 
@@ -61,8 +64,9 @@ impl TaskActivations {
         let (mut probe, tokenized) = probe_for(scorer, base, tasks, threads)?;
         let pb = crate::progress::bar(progress, tasks.len() as u64, "activations");
         let mut out = Vec::with_capacity(tasks.len());
-        for samples in &tokenized {
-            out.push(SharedInputs::new(probe.inputs_at(samples, kept_positions)?));
+        for (task, samples) in tasks.iter().zip(&tokenized) {
+            let fold_rows = samples[..task.fold_split()].iter().map(|s| kept_positions(s).len()).sum();
+            out.push(SharedInputs::new(probe.inputs_at(samples, kept_positions)?, fold_rows));
             pb.inc(1);
         }
         pb.finish_and_clear();
@@ -71,6 +75,17 @@ impl TaskActivations {
 
     /// The inputs of the tasks `members`, as the merge operator takes them.
     pub(crate) fn of(&self, members: &[usize]) -> Vec<TaskInputs<'_>> {
+        self.rows_of(members, None)
+    }
+
+    /// As [`Self::of`], from one fold of each member's examples only (0: those before its
+    /// [`Task::fold_split`], 1: the rest): a merge fitted without the other fold's examples,
+    /// which can then be judged on them.
+    pub(crate) fn fold_of(&self, members: &[usize], fold: usize) -> Vec<TaskInputs<'_>> {
+        self.rows_of(members, Some(fold))
+    }
+
+    fn rows_of(&self, members: &[usize], fold: Option<usize>) -> Vec<TaskInputs<'_>> {
         members
             .iter()
             .map(|&i| {
@@ -79,7 +94,13 @@ impl TaskActivations {
                     .iter()
                     .map(|(name, &k)| {
                         let x = &task.distinct[k];
-                        (name.clone(), InputRows { rows: x.rows, n_in: x.n_in, data: &x.data })
+                        let rows = match fold {
+                            None => 0..x.rows,
+                            Some(0) => 0..task.fold_rows,
+                            Some(_) => task.fold_rows..x.rows,
+                        };
+                        let data = &x.data[rows.start * x.n_in..rows.end * x.n_in];
+                        (name.clone(), InputRows { rows: rows.len(), n_in: x.n_in, data })
                     })
                     .collect()
             })
@@ -126,6 +147,28 @@ mod tests {
 
     fn sample(n: usize, first_scored: usize) -> SampleTokens {
         SampleTokens { tokens: (0..n as i32).map(Token).collect(), first_scored }
+    }
+
+    #[test]
+    fn the_two_folds_split_every_target_s_rows_where_the_examples_split() {
+        // Two targets reading one input (q, k) and one reading another; 5 rows of width 2, the
+        // first 3 from the examples before the split.
+        let x = |seed: f32| ProjectionInputs { n_in: 2, rows: 5, data: (0..10).map(|v| v as f32 + seed).collect() };
+        let captured: BTreeMap<String, ProjectionInputs> =
+            [("blk.0.attn_q.weight", x(0.0)), ("blk.0.attn_k.weight", x(0.0)), ("blk.0.attn_output.weight", x(100.0))]
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect();
+        let acts = TaskActivations(vec![SharedInputs::new(captured, 3)]);
+        let (all, first, second) = (acts.of(&[0]), acts.fold_of(&[0], 0), acts.fold_of(&[0], 1));
+        for (name, whole) in &all[0] {
+            let (a, b) = (&first[0][name], &second[0][name]);
+            assert_eq!((a.rows, b.rows, a.n_in), (3, 2, 2), "{name}");
+            assert_eq!([a.data, b.data].concat(), whole.data, "{name}: the folds are the rows in order");
+        }
+        // Targets that shared their rows still share each fold's (regmean's Grams are shared by address).
+        assert_eq!(first[0]["blk.0.attn_q.weight"].data.as_ptr(), first[0]["blk.0.attn_k.weight"].data.as_ptr());
+        assert_ne!(first[0]["blk.0.attn_q.weight"].data.as_ptr(), first[0]["blk.0.attn_output.weight"].data.as_ptr());
     }
 
     #[test]

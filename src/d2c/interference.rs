@@ -17,7 +17,7 @@ use crate::score::Scorer;
 const MAX_ROWS_PER_EXAMPLE: usize = 32;
 
 pub(crate) fn measure(scorer: &Scorer, base: &Path, tasks: &[Task], threads: Option<i32>, progress: bool) -> Result<Interference> {
-    let adapters: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+    let adapters: Vec<&LoraAdapter> = tasks.iter().map(|t| &*t.adapter).collect();
     let stack = FactorStack::new(&adapters);
     let (mut probe, tokenized) = super::inputs::probe_for(scorer, base, tasks, threads)?;
     let pb = crate::progress::bar(progress, tasks.len() as u64, "activations");

@@ -31,7 +31,7 @@ mod update;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-pub use options::{Init, MergeRunOptions, Screen, Strategy};
+pub use options::{Init, Judge, MergeRunOptions, Screen, Strategy};
 pub use search::{apply_moves, move_candidates};
 pub use update::{add, remove, NewTask, UpdateOptions};
 
@@ -88,7 +88,15 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     if activations.is_some() {
         stages.done("merge_inputs", t);
     }
-    let pool = Pool { tasks: &tasks, own, compressed, density: opts.density, seed: opts.seed, inputs: activations.as_ref() };
+    let pool = Pool {
+        tasks: &tasks,
+        own,
+        compressed,
+        density: opts.density,
+        seed: opts.seed,
+        inputs: activations.as_ref(),
+        cross_fit: opts.judge == Judge::CrossFit,
+    };
 
     let mut outcome = if opts.strategy == Strategy::Allocate {
         let t = stages.start();
@@ -216,7 +224,7 @@ fn check_options(opts: &MergeRunOptions) -> Result<()> {
 /// truncation strategy, what each task ships instead of its own adapter.
 fn truncations(opts: &MergeRunOptions, tasks: &[tasks::Task]) -> Result<(usize, Option<Vec<LoraAdapter>>)> {
     let mut rank = opts.rank.unwrap_or_else(|| tasks.iter().map(|t| t.adapter.max_rank()).max().unwrap_or(8));
-    let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+    let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &*t.adapter).collect();
     merge::check_compatible(&refs)?;
     let compressed = match (opts.strategy, opts.budget_bytes) {
         (Strategy::Truncate, Some(bytes)) => {

@@ -66,6 +66,21 @@ pub enum Screen {
 
 d2c_format::value_names!(Screen, "screen");
 
+/// How D2C judges a grouping on the examples when its merges are fitted to them (`regmean`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Judge {
+    /// Each candidate merged twice, each fit on one half of every member's examples, and each
+    /// example scored under the fit that did not see it: how the merge holds on inputs it was
+    /// not fitted to, which is what separates groupings on new inputs. Twice the merges, the
+    /// same scoring.
+    CrossFit,
+    /// Fitted and scored on the same examples (every grouping looks nearly as good as the own
+    /// adapters under regmean).
+    InSample,
+}
+
+d2c_format::value_names!(Judge, "judge");
+
 #[derive(Debug, Clone)]
 pub struct MergeRunOptions {
     pub base: PathBuf,
@@ -86,6 +101,9 @@ pub struct MergeRunOptions {
     /// Examples per task the scored screen uses (the first ones; 0 = all): it only ranks the
     /// moves to judge, and the judging uses every example.
     pub screen_examples: usize,
+    /// How the starts, the screen and the judged moves score a cluster whose merge is fitted
+    /// to the examples (the tuning and what ships use the fit on every example).
+    pub judge: Judge,
     pub seed: u64,
     pub threads: Option<i32>,
     pub dtype: DType,
@@ -138,6 +156,7 @@ impl Default for MergeRunOptions {
             restarts: 4,
             screen: Screen::Scored,
             screen_examples: 3,
+            judge: Judge::CrossFit,
             seed: 0,
             threads: None,
             dtype: DType::F16,

@@ -194,6 +194,7 @@ pub(crate) fn manifest(
             "restarts": opts.restarts,
             "screen": opts.screen.to_string(),
             "screen_examples": opts.screen_examples,
+            "judge": opts.judge.to_string(),
             "starts": outcome.starts,
             "seed": opts.seed,
             "dtype": opts.dtype.to_string(),

@@ -34,6 +34,17 @@ impl Cached {
     pub(crate) fn task_score(&self) -> TaskScore {
         TaskScore { nll: self.mean_nll, exact: self.exact as f64 / self.samples.max(1) as f64 }
     }
+
+    /// Two disjoint example sets' scores as one: the NLL weighted by tokens, the counts added.
+    pub(crate) fn plus(&self, other: &Cached) -> Cached {
+        let tokens = self.tokens + other.tokens;
+        let mean_nll = if tokens == 0 {
+            (self.mean_nll + other.mean_nll) / 2.0
+        } else {
+            (self.mean_nll * self.tokens as f64 + other.mean_nll * other.tokens as f64) / tokens as f64
+        };
+        Cached { mean_nll, tokens, exact: self.exact + other.exact, samples: self.samples + other.samples }
+    }
 }
 
 impl ScoreCache {
@@ -91,5 +102,20 @@ impl ScoreCache {
         }
         self.map.insert(key, value);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cached;
+
+    #[test]
+    fn two_halves_add_up_to_the_whole() {
+        let a = Cached { mean_nll: 1.0, tokens: 30, exact: 2, samples: 5 };
+        let b = Cached { mean_nll: 2.0, tokens: 10, exact: 4, samples: 5 };
+        let both = a.plus(&b);
+        assert_eq!((both.tokens, both.exact, both.samples), (40, 6, 10));
+        assert!((both.mean_nll - 1.25).abs() < 1e-12, "token-weighted: {}", both.mean_nll);
+        assert!((both.task_score().exact - 0.6).abs() < 1e-12);
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::evaluator::{Evaluator, Pool};
 use super::options::{Init, MergeRunOptions, Screen, Strategy};
-use super::tasks::{pick, Task};
+use super::tasks::Task;
 use crate::adapter::LoraAdapter;
 use crate::cluster::{self, Assignment};
 use crate::error::Result;
@@ -52,7 +52,7 @@ pub(crate) fn search(
     let n = tasks.len();
     let t = Instant::now();
     let similarity = {
-        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &t.adapter).collect();
+        let refs: Vec<&LoraAdapter> = tasks.iter().map(|t| &*t.adapter).collect();
         similarity::similarity_matrix(&refs)
     };
     timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
@@ -78,7 +78,7 @@ pub(crate) fn search(
                 if changed.is_some_and(|ch| !ch.contains(&partition[members[0]])) {
                     continue;
                 }
-                let (_, got) = pool.eval(ev, &members, opts.method, 1.0, rank, &pick(tasks, &members))?;
+                let got = pool.judge(ev, &members, opts.method, 1.0, rank, tasks, &members)?;
                 for (&i, &g) in members.iter().zip(&got) {
                     let regret = baselines.regret(i, g);
                     predicted.note(i, &members, regret);
@@ -158,7 +158,7 @@ pub(crate) fn search(
             };
             let everyone: Vec<usize> = (0..n).collect();
             for (c, members) in groups.iter().enumerate() {
-                let (_, got) = pool.eval(ev, members, opts.method, 1.0, rank, &pick(screen_tasks, &everyone))?;
+                let got = pool.judge(ev, members, opts.method, 1.0, rank, screen_tasks, &everyone)?;
                 for i in 0..n {
                     regrets[i][c] = screen_baselines.regret(i, got[i]);
                     if screen_set.is_none() {

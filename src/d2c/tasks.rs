@@ -2,7 +2,9 @@
 //! examples `SAMPLES/<task>.jsonl`, every input checked against the base before any work.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::options::MergeRunOptions;
 use crate::adapter::LoraAdapter;
@@ -22,7 +24,8 @@ pub(crate) struct Task {
     /// The GGUF file read (for a PEFT directory, its conversion).
     pub adapter_path: PathBuf,
     pub samples_path: PathBuf,
-    pub adapter: LoraAdapter,
+    /// Shared: views of some of a task's examples ([`Task::examples`]) keep the same adapter.
+    pub adapter: Arc<LoraAdapter>,
     pub samples: Vec<Sample>,
     pub samples_hash: String,
 }
@@ -30,8 +33,25 @@ pub(crate) struct Task {
 impl Task {
     /// The same task with only its first `m` examples (its own cache identity).
     pub(crate) fn first_examples(&self, m: usize) -> Task {
-        let m = m.min(self.samples.len());
-        Task { samples: self.samples[..m].to_vec(), samples_hash: format!("{}[..{m}]", self.samples_hash), ..self.clone() }
+        self.examples(0..m)
+    }
+
+    /// The same task with only the examples in `range` (clamped to those it has), under its
+    /// own cache identity: the full set's hash and the range.
+    pub(crate) fn examples(&self, range: Range<usize>) -> Task {
+        let end = range.end.min(self.samples.len());
+        let start = range.start.min(end);
+        let samples_hash = if start == 0 { format!("{}[..{end}]", self.samples_hash) } else { format!("{}[{start}..{end}]", self.samples_hash) };
+        Task { samples: self.samples[start..end].to_vec(), samples_hash, ..self.clone() }
+    }
+
+    /// Where a cross-fitted judgement splits this task's examples: the first half (rounded up)
+    /// and the rest; 0 for a task of one example, which cannot be split.
+    pub(crate) fn fold_split(&self) -> usize {
+        match self.samples.len() {
+            0 | 1 => 0,
+            n => n.div_ceil(2),
+        }
     }
 }
 
@@ -155,7 +175,7 @@ pub(crate) fn read_listed(
         if score_end != CompletionEnd::None {
             samples_hash = format!("{samples_hash}+end-{score_end}");
         }
-        tasks.push(Task { name, source_path, adapter_path, samples_path, adapter, samples, samples_hash });
+        tasks.push(Task { name, source_path, adapter_path, samples_path, adapter: Arc::new(adapter), samples, samples_hash });
     }
     Ok((tasks, base_info))
 }

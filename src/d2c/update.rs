@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::evaluator::{self, Candidate, ClusterEval, Evaluator, Pool};
 use super::inputs::TaskActivations;
-use super::options::{MergeRunOptions, Strategy};
+use super::options::{Judge, MergeRunOptions, Strategy};
 use super::publish::{cluster_scores, Staging};
 use super::tasks::{self, pick, Task};
 use crate::convert::{AdapterSource, PeftScratch};
@@ -78,13 +78,21 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
     let mut work = set.work(listed)?;
     let t = work.index(&name);
     {
-        let refs: Vec<&crate::adapter::LoraAdapter> = work.tasks.iter().map(|t| &t.adapter).collect();
+        let refs: Vec<&crate::adapter::LoraAdapter> = work.tasks.iter().map(|t| &*t.adapter).collect();
         let names: Vec<String> = work.tasks.iter().map(|t| t.source_path.display().to_string()).collect();
         merge::check_compatible_named(&refs, &names)?;
     }
     let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
     let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
-    let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed, inputs: activations.as_ref() };
+    let pool = Pool {
+        tasks: &work.tasks,
+        own,
+        compressed: None,
+        density: work.run.density,
+        seed: work.run.seed,
+        inputs: activations.as_ref(),
+        cross_fit: work.run.judge == Judge::CrossFit,
+    };
     let groups = set.groups(&work.tasks, Some(&name));
     let current: Vec<Candidate> = set.candidates()?;
 
@@ -102,10 +110,16 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
     for &c in order.iter().take(opts.candidates) {
         let members = &groups[c];
         let (method, scale) = set.merge_choice(c, &work.run)?;
-        let before: f64 =
-            work.ev.scores(Some(&current[c]), &pick(&work.tasks, members))?.iter().zip(members).map(|(&g, &i)| baselines.regret(i, g)).sum();
+        let rank = work.run.rank.expect("from settings");
+        // Judged as `merge` judged its clusters: under cross-fitting both sides out of sample.
+        let before_scores = if pool.cross_fit {
+            pool.judge(&mut work.ev, members, method, scale, rank, &work.tasks, members)?
+        } else {
+            work.ev.scores(Some(&current[c]), &pick(&work.tasks, members))?
+        };
+        let before: f64 = before_scores.iter().zip(members).map(|(&g, &i)| baselines.regret(i, g)).sum();
         let with_t = with_member(members, t);
-        let (_, got) = pool.eval(&mut work.ev, &with_t, method, scale, work.run.rank.expect("from settings"), &pick(&work.tasks, &with_t))?;
+        let got = pool.judge(&mut work.ev, &with_t, method, scale, rank, &work.tasks, &with_t)?;
         let after: f64 = got.iter().zip(&with_t).map(|(&g, &i)| baselines.regret(i, g)).sum();
         options.push((after - before, Placement::ReMerged(c)));
     }
@@ -210,7 +224,15 @@ pub fn remove(opts: &UpdateOptions, task: &str) -> Result<Manifest> {
     } else {
         let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
         let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
-        let pool = Pool { tasks: &work.tasks, own, compressed: None, density: work.run.density, seed: work.run.seed, inputs: activations.as_ref() };
+        let pool = Pool {
+            tasks: &work.tasks,
+            own,
+            compressed: None,
+            density: work.run.density,
+            seed: work.run.seed,
+            inputs: activations.as_ref(),
+            cross_fit: work.run.judge == Judge::CrossFit,
+        };
         let rank = work.run.rank.expect("from settings");
         let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&rest), rank)?.remove(0);
         let mut scales = vec![1.0f32; work.tasks.len()];
@@ -485,6 +507,11 @@ fn settings(m: &Manifest, path: &Path, opts: &UpdateOptions, base: &Path) -> Res
     run.serve_scales = floats("serve_scales")?;
     run.score_end = parse("score_end")?.parse().map_err(|e| bad("score_end", e))?;
     run.objective = parse("objective")?.parse().map_err(|e| bad("objective", e))?;
+    // Sets merged before cross-fitting judged in sample.
+    run.judge = match s.get("judge").and_then(Value::as_str) {
+        Some(j) => j.parse().map_err(|e| bad("judge", e))?,
+        None => Judge::InSample,
+    };
     run.threads = opts.threads;
     run.cache = opts.cache.clone();
     run.progress = opts.progress;
