@@ -35,15 +35,26 @@ fn main() {
             }
         }
     }
-    files.extend(entries(&backends).into_iter().filter(|(_, name)| name.ends_with(".so")));
+    files.extend(entries(&backends).into_iter().filter(|(_, name)| name.ends_with(".so") && !LEFT_OUT_CPU_MODULES.contains(&name.as_str())));
     for dest_dir in [profile_dir.clone(), profile_dir.join("deps")] {
         std::fs::create_dir_all(&dest_dir).unwrap_or_else(|e| panic!("{}: {e}", dest_dir.display()));
+        for name in LEFT_OUT_CPU_MODULES {
+            // Placed by an earlier build: ggml would still find and prefer it.
+            let _ = std::fs::remove_file(dest_dir.join(name));
+        }
         for (src, name) in &files {
             println!("cargo:rerun-if-changed={}", src.display());
             place(src, &dest_dir.join(name));
         }
     }
 }
+
+/// CPU modules not placed, so ggml never loads them. `sapphirerapids` is the only one built
+/// with ggml's AMX kernels, and on an AMX machine (Sapphire-Rapids-class Xeon) they score
+/// SmolLM2's Q4_1 weights 0.3 nats away from llama-server's AVX-512 kernels on a single token
+/// (tests/score_server.rs; the other modules agree within 3e-4), and crash llama-server itself
+/// (llama.cpp issue 20824). Without it ggml picks `zen4`, the same ISA less AMX.
+const LEFT_OUT_CPU_MODULES: &[&str] = &["libggml-cpu-sapphirerapids.so"];
 
 /// The entries of `dir` (empty when it does not exist), with their file names.
 fn entries(dir: &Path) -> Vec<(PathBuf, String)> {
