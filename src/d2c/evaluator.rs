@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::inputs::TaskActivations;
+use super::options::{Judge, MergeRunOptions};
 use super::score_cache::{Cached, ScoreCache};
 use super::tasks::{input_paths, pick, Task};
 use crate::adapter::{DType, LoraAdapter, KEY_TASK_NAME};
@@ -186,7 +187,18 @@ pub(crate) struct Pool<'a> {
     pub cross_fit: bool,
 }
 
-impl Pool<'_> {
+impl<'a> Pool<'a> {
+    /// The pool of a run with `run`'s merge settings.
+    pub(crate) fn new(
+        tasks: &'a [Task],
+        own: Vec<Candidate>,
+        compressed: Option<Vec<Candidate>>,
+        run: &MergeRunOptions,
+        inputs: Option<&'a TaskActivations>,
+    ) -> Self {
+        Pool { tasks, own, compressed, density: run.density, seed: run.seed, inputs, cross_fit: run.judge == Judge::CrossFit }
+    }
+
     /// The members' average (times `scale`) under `method`, at `rank`, named after its tasks.
     pub(crate) fn merge(&self, members: &[usize], method: Method, scale: f32, rank: usize) -> Result<LoraAdapter> {
         self.merge_fitted(members, method, scale, rank, None)
@@ -264,11 +276,12 @@ impl Pool<'_> {
             return Ok(got);
         }
         let input_paths = self.input_paths();
-        // fitted[f]: the merge that saw only fold f of each member's examples.
+        // The merges that saw only fold 0 (and only fold 1) of each member's examples.
         let fitted = [0, 1].map(|f| self.merge_fitted(members, method, scale, rank, Some(f)).and_then(|m| ev.write_candidate(&m, &input_paths)));
         let [first, second] = fitted;
         let (first, second) = (first?, second?);
-        // (example set, scored under fold-0 fit?) pieces, and which entry of `scored` each adds to.
+        // views: (entry of `scored` it adds to, examples); under[f]: the views scored under
+        // the merge fitted on fold f.
         let mut under = [Vec::new(), Vec::new()];
         let mut views: Vec<(usize, Task)> = Vec::new();
         for (at, &i) in scored.iter().enumerate() {

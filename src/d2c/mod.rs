@@ -88,15 +88,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     if activations.is_some() {
         stages.done("merge_inputs", t);
     }
-    let pool = Pool {
-        tasks: &tasks,
-        own,
-        compressed,
-        density: opts.density,
-        seed: opts.seed,
-        inputs: activations.as_ref(),
-        cross_fit: opts.judge == Judge::CrossFit,
-    };
+    let pool = Pool::new(&tasks, own, compressed, opts, activations.as_ref());
 
     let mut outcome = if opts.strategy == Strategy::Allocate {
         let t = stages.start();

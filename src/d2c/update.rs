@@ -84,15 +84,7 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
     }
     let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
     let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
-    let pool = Pool {
-        tasks: &work.tasks,
-        own,
-        compressed: None,
-        density: work.run.density,
-        seed: work.run.seed,
-        inputs: activations.as_ref(),
-        cross_fit: work.run.judge == Judge::CrossFit,
-    };
+    let pool = Pool::new(&work.tasks, own, None, &work.run, activations.as_ref());
     let groups = set.groups(&work.tasks, Some(&name));
     let current: Vec<Candidate> = set.candidates()?;
 
@@ -224,15 +216,7 @@ pub fn remove(opts: &UpdateOptions, task: &str) -> Result<Manifest> {
     } else {
         let (baselines, own) = evaluator::baselines(&mut work.ev, &work.tasks, work.run.objective, opts.progress)?;
         let activations = TaskActivations::for_run(&work.ev.scorer, &work.run, &work.tasks)?;
-        let pool = Pool {
-            tasks: &work.tasks,
-            own,
-            compressed: None,
-            density: work.run.density,
-            seed: work.run.seed,
-            inputs: activations.as_ref(),
-            cross_fit: work.run.judge == Judge::CrossFit,
-        };
+        let pool = Pool::new(&work.tasks, own, None, &work.run, activations.as_ref());
         let rank = work.run.rank.expect("from settings");
         let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&rest), rank)?.remove(0);
         let mut scales = vec![1.0f32; work.tasks.len()];
