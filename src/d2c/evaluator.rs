@@ -1,6 +1,7 @@
 //! Candidate adapters written as they would ship and scored on the tasks' examples by
 //! llama.cpp (through the score cache), and the candidates a cluster of tasks can ship.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -250,6 +251,16 @@ impl<'a> Pool<'a> {
         Ok((cand, scores))
     }
 
+    /// Whether [`Self::judge`] cross-fits the cluster `members` merged by `method`: a merge
+    /// fitted to the examples, of tasks that each have two examples or more.
+    pub(crate) fn cross_fits(&self, members: &[usize], method: Method) -> bool {
+        self.cross_fit
+            && method.needs_inputs()
+            && members.len() > 1
+            && self.compressed.is_none()
+            && members.iter().all(|&i| self.tasks[i].fold_split() > 0)
+    }
+
     /// The scores of `set[i]` for each `i` in `scored` (`set`: every task's examples, in task
     /// order, or the first few of each) under the cluster `members` merged as [`Self::eval`]
     /// merges it, judged out of sample: where `cross_fit` is on and `method` is fitted to the
@@ -270,8 +281,7 @@ impl<'a> Pool<'a> {
         set: &[Task],
         scored: &[usize],
     ) -> Result<Vec<TaskScore>> {
-        let splittable = members.iter().all(|&i| self.tasks[i].fold_split() > 0);
-        if !(self.cross_fit && method.needs_inputs() && members.len() > 1 && splittable && self.compressed.is_none()) {
+        if !self.cross_fits(members, method) {
             let (_, got) = self.eval(ev, members, method, scale, rank, &pick(set, scored))?;
             return Ok(got);
         }
@@ -283,10 +293,11 @@ impl<'a> Pool<'a> {
         // views: (entry of `scored` it adds to, examples); under[f]: the views scored under
         // the merge fitted on fold f.
         let mut under = [Vec::new(), Vec::new()];
-        let mut views: Vec<(usize, Task)> = Vec::new();
+        // Borrowed where a task is scored on `set[i]` as it is (no copy of its examples).
+        let mut views: Vec<(usize, Cow<'_, Task>)> = Vec::new();
         for (at, &i) in scored.iter().enumerate() {
             if !members.contains(&i) {
-                views.push((at, set[i].clone()));
+                views.push((at, Cow::Borrowed(&set[i])));
                 under[0].push(views.len() - 1);
                 continue;
             }
@@ -295,17 +306,17 @@ impl<'a> Pool<'a> {
             let (split, len) = (self.tasks[i].fold_split(), set[i].samples.len());
             let whole = &self.tasks[i];
             if split > 0 && len > 0 {
-                views.push((at, whole.examples(0..split.min(len))));
+                views.push((at, Cow::Owned(whole.examples(0..split.min(len)))));
                 under[1].push(views.len() - 1);
             }
             if len > split {
-                views.push((at, whole.examples(split..len)));
+                views.push((at, Cow::Owned(whole.examples(split..len))));
                 under[0].push(views.len() - 1);
             }
         }
         let mut total: Vec<Option<Cached>> = vec![None; scored.len()];
         for (fold, candidate) in [(0, &first), (1, &second)] {
-            let tasks: Vec<&Task> = under[fold].iter().map(|&v| &views[v].1).collect();
+            let tasks: Vec<&Task> = under[fold].iter().map(|&v| views[v].1.as_ref()).collect();
             if tasks.is_empty() {
                 continue;
             }

@@ -103,8 +103,9 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
         let members = &groups[c];
         let (method, scale) = set.merge_choice(c, &work.run)?;
         let rank = work.run.rank.expect("from settings");
-        // Judged as `merge` judged its clusters: under cross-fitting both sides out of sample.
-        let before_scores = if pool.cross_fit {
+        // Judged as `merge` judged its clusters: where it cross-fitted, both sides out of
+        // sample; else the shipped file's scores are the cluster's as it stands.
+        let before_scores = if pool.cross_fits(members, method) {
             pool.judge(&mut work.ev, members, method, scale, rank, &work.tasks, members)?
         } else {
             work.ev.scores(Some(&current[c]), &pick(&work.tasks, members))?
