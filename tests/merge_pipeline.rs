@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -548,6 +548,41 @@ fn cached_scores(cache: &Path) -> Vec<(String, String)> {
             (adapter, samples)
         })
         .collect()
+}
+
+#[test]
+fn cross_fitted_tuning_judges_each_operator_and_serve_scale_on_the_fold_fits() {
+    // The tuning and the serve scales choose by the objective the search uses: in sample a
+    // regmean fit to the examples looks best at its own scale, whatever holds on new inputs.
+    let dir = common::tempdir();
+    let (out, cache) = (dir.path().join("out"), dir.path().join("cache"));
+    let seed = bad_random_seed().to_string();
+    let (code, o, e) = merge(
+        &[
+            "--budget", "2", "--strategy", "random", "--seed", &seed, "--tune-methods", "regmean", "--tune-scales", "1,1.5",
+            "--serve-scales", "1,1.5", "--cache", common::path_str(&cache),
+        ],
+        &out,
+    );
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&out);
+    assert_eq!(m.settings["judge"], "cross-fit");
+    let scores = cached_scores(&cache);
+    for (task, &c) in &m.tasks {
+        assert_eq!(m.adapters[c].merge.as_ref().unwrap().method, "regmean", "{task}");
+        let samples = task_set().join("samples").join(format!("{task}.jsonl"));
+        let h = hash_file(&samples).unwrap();
+        let n = std::fs::read_to_string(&samples).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+        let first_half = format!("{h}[..{}]", n.div_ceil(2));
+        let judged: Vec<&String> = scores.iter().filter(|(_, s)| *s == first_half).map(|(a, _)| a).collect();
+        // Both weight multipliers fitted on the other fold (two merges at scale 1 each).
+        let at_one: HashSet<&String> = judged.iter().copied().filter(|a| !a.contains('@')).collect();
+        assert_eq!(at_one.len(), 2, "{task}: {judged:?}");
+        // The serve scale climbed on the fold fit too, not on the shipped merge.
+        assert!(judged.iter().any(|a| a.ends_with("@1.5")), "{task}: {judged:?}");
+        let shipped = &m.adapters[c].blake3;
+        assert!(!judged.contains(&shipped), "{task}: a half scored under the merge fitted on it");
+    }
 }
 
 #[test]

@@ -47,7 +47,9 @@ ALLOCATOR_REVISION = 2
 # "d2c-activations" is revision 3 with `--screen activations`. 4 = clusters judged cross-fitted
 # (merge --judge cross-fit, the default: each half of a member's examples scored under the regmean
 # fit on the other half); "d2c-insample" is revision 4 with `--judge in-sample`, revision 3's search.
-D2C_REVISION = 4
+# 5 = a round takes every judged move that helps, each judged after the ones taken before it
+# (revision 4 took only moves between clusters no better move of the round had touched).
+D2C_REVISION = 5
 D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample")
 
 

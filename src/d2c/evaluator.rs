@@ -172,6 +172,14 @@ pub(crate) struct ClusterEval {
     pub choice: Option<MergeChoice>,
 }
 
+impl ClusterEval {
+    /// The operator and weight multiplier the candidate was merged with (none for an adapter
+    /// that ships as it came).
+    pub(crate) fn merged_by(&self) -> Option<(Method, f32)> {
+        self.choice.as_ref().and_then(|c| c.method.parse().ok().map(|m| (m, c.scale)))
+    }
+}
+
 /// The candidates a cluster of tasks can ship: its members merged (any operator, weight
 /// multiplier and rank), or a lone task's own adapter (compressed, under a truncation strategy).
 pub(crate) struct Pool<'a> {
@@ -239,16 +247,21 @@ impl<'a> Pool<'a> {
         rank: usize,
         scored: &[&Task],
     ) -> Result<(Candidate, Vec<TaskScore>)> {
-        let cand = if let (Some(cut), [only]) = (&self.compressed, members) {
-            cut[*only].clone()
-        } else if members.len() == 1 && scale == 1.0 && rank >= self.tasks[members[0]].adapter.max_rank() {
-            self.own[members[0]].clone()
-        } else {
-            let merged = self.merge(members, method, scale, rank)?;
-            ev.write_candidate(&merged, &self.input_paths())?
-        };
+        let cand = self.candidate(ev, members, method, scale, rank)?;
         let scores = ev.scores(Some(&cand), scored)?;
         Ok((cand, scores))
+    }
+
+    /// The adapter [`Self::eval`] ships for the cluster `members`, unscored.
+    pub(crate) fn candidate(&self, ev: &mut Evaluator, members: &[usize], method: Method, scale: f32, rank: usize) -> Result<Candidate> {
+        if let (Some(cut), [only]) = (&self.compressed, members) {
+            Ok(cut[*only].clone())
+        } else if members.len() == 1 && scale == 1.0 && rank >= self.tasks[members[0]].adapter.max_rank() {
+            Ok(self.own[members[0]].clone())
+        } else {
+            let merged = self.merge(members, method, scale, rank)?;
+            ev.write_candidate(&merged, &self.input_paths())
+        }
     }
 
     /// Whether [`Self::judge`] cross-fits the cluster `members` merged by `method`: a merge
@@ -266,7 +279,8 @@ impl<'a> Pool<'a> {
     /// merges it, judged out of sample: where `cross_fit` is on and `method` is fitted to the
     /// examples' inputs (`regmean`), two merges are made, each fitted on one half of every
     /// member's examples, and each member's examples are scored under the merge that did not
-    /// see them (tasks outside the cluster under the first). Fitted and judged on the same
+    /// see them (tasks outside the cluster under the first); every score is taken at
+    /// `serve_scale` (the per-task scale llama-server applies). Fitted and judged on the same
     /// examples, every grouping looks nearly as good as the own adapters, and the search
     /// cannot tell which merges will hold on new inputs. What ships is still the fit on every
     /// example ([`Self::eval`]).
@@ -280,10 +294,11 @@ impl<'a> Pool<'a> {
         rank: usize,
         set: &[Task],
         scored: &[usize],
+        serve_scale: f32,
     ) -> Result<Vec<TaskScore>> {
         if !self.cross_fits(members, method) {
-            let (_, got) = self.eval(ev, members, method, scale, rank, &pick(set, scored))?;
-            return Ok(got);
+            let cand = self.candidate(ev, members, method, scale, rank)?;
+            return ev.scores_at(Some(&cand), serve_scale, &pick(set, scored));
         }
         let input_paths = self.input_paths();
         // The merges that saw only fold 0 (and only fold 1) of each member's examples.
@@ -320,7 +335,7 @@ impl<'a> Pool<'a> {
             if tasks.is_empty() {
                 continue;
             }
-            for (&v, got) in under[fold].iter().zip(ev.counts_at(Some(candidate), 1.0, &tasks)?) {
+            for (&v, got) in under[fold].iter().zip(ev.counts_at(Some(candidate), serve_scale, &tasks)?) {
                 let at = views[v].0;
                 total[at] = Some(match total[at] {
                     None => got,

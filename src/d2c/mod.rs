@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub use options::{Init, Judge, MergeRunOptions, Screen, Strategy};
-pub use search::{apply_moves, move_candidates};
+pub use search::{move_candidates, take_improving_moves};
 pub use update::{add, remove, NewTask, UpdateOptions};
 
 use crate::adapter::LoraAdapter;

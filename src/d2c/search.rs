@@ -78,7 +78,7 @@ pub(crate) fn search(
                 if changed.is_some_and(|ch| !ch.contains(&partition[members[0]])) {
                     continue;
                 }
-                let got = pool.judge(ev, &members, opts.method, 1.0, rank, tasks, &members)?;
+                let got = pool.judge(ev, &members, opts.method, 1.0, rank, tasks, &members, 1.0)?;
                 for (&i, &g) in members.iter().zip(&got) {
                     let regret = baselines.regret(i, g);
                     predicted.note(i, &members, regret);
@@ -158,7 +158,7 @@ pub(crate) fn search(
             };
             let everyone: Vec<usize> = (0..n).collect();
             for (c, members) in groups.iter().enumerate() {
-                let got = pool.judge(ev, members, opts.method, 1.0, rank, screen_tasks, &everyone)?;
+                let got = pool.judge(ev, members, opts.method, 1.0, rank, screen_tasks, &everyone, 1.0)?;
                 for i in 0..n {
                     regrets[i][c] = screen_baselines.regret(i, got[i]);
                     if screen_set.is_none() {
@@ -195,27 +195,20 @@ pub(crate) fn search(
         }
         // Every move and swap is judged with the task inside: the clusters it changes
         // re-merged and their members scored (the true change of the objective). The
-        // screen only picks which few to judge.
+        // screen only picks which few to judge. A move that helps is taken at once and the
+        // next one judged against the partition it left, so a round can move as many tasks as
+        // it judges (at K = 4, taking only moves between untouched pairs of clusters moved
+        // one or two a round and left the objective falling after four rounds).
         let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
-        let change_of = |ev: &mut Evaluator, predicted: &mut Predictions, trial: &Assignment, changed: [usize; 2]| -> Result<f64> {
-            Ok(own_clusters(ev, predicted, trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum())
-        };
         let moves = match model.filter(|_| !scored_screen) {
             Some(m) => predicted_moves(m, &assign, k, MOVE_CANDIDATES),
             None => move_candidates(&assign, &regrets, MOVE_CANDIDATES),
         };
-        let mut measured = Vec::new();
-        for (i, to) in moves {
-            let mut trial = assign.clone();
-            let from = trial[i];
-            trial[i] = to;
-            if seen.contains(&cluster::canonical(&trial, k)) {
-                continue;
-            }
-            measured.push((change_of(ev, &mut predicted, &trial, [from, to])?, i, to));
-        }
-        let mut next = cluster::canonical(&apply_moves(&assign, k, &measured), k);
-        if next == assign || seen.contains(&next) {
+        let taken = take_improving_moves(&mut assign, k, &mut own_regret, &moves, &seen, |trial, changed| {
+            own_clusters(ev, &mut predicted, trial, Some(changed))
+        })?;
+        let mut next = cluster::canonical(&assign, k);
+        if taken == 0 {
             // No single move helps (a symmetric mix: every task best served at home):
             // swaps of two tasks between clusters, the most promising few.
             let swaps = match model.filter(|_| !scored_screen) {
@@ -230,7 +223,8 @@ pub(crate) fn search(
                 if seen.contains(&cluster::canonical(&trial, k)) {
                     continue;
                 }
-                let change = change_of(ev, &mut predicted, &trial, changed)?;
+                let change: f64 =
+                    own_clusters(ev, &mut predicted, &trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum();
                 if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
                     best_swap = Some((change, cluster::canonical(&trial, k)));
                 }
@@ -322,31 +316,48 @@ pub fn move_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> 
     most_promising(moves, limit)
 }
 
-/// One reassignment step from moves whose objective change was measured exactly (negative =
-/// better). Each was judged against the current clusters, so only moves between clusters no
-/// earlier (better) move of this step touched are taken: what was measured still holds. A
-/// cluster never gives away its last task.
-pub fn apply_moves(assign: &[usize], k: usize, measured: &[(f64, usize, usize)]) -> Assignment {
+/// Takes, in the order given, every candidate move (task, to) whose judged change of the
+/// objective is negative against the partition as it stands after the moves taken before it,
+/// and returns how many it took. `judge` gives the regret of every member of the two changed
+/// clusters of a trial partition; `own_regret` is kept current for the taken ones. A task moves
+/// at most once a step (its candidates were ranked from where it started), a cluster never
+/// gives away its last task, and no partition of an earlier round is entered again.
+pub fn take_improving_moves<F>(
+    assign: &mut Assignment,
+    k: usize,
+    own_regret: &mut [f64],
+    candidates: &[(usize, usize)],
+    seen: &HashSet<Assignment>,
+    mut judge: F,
+) -> Result<usize>
+where
+    F: FnMut(&Assignment, [usize; 2]) -> Result<Vec<(usize, f64)>>,
+{
     let mut sizes = vec![0usize; k];
-    for &c in assign {
-        sizes[c] += 1;
-    }
-    let mut moves: Vec<(f64, usize, usize)> = measured.iter().copied().filter(|m| m.0 < -1e-9).collect();
-    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut touched = vec![false; k];
-    let mut next = assign.to_vec();
-    for (_, task, to) in moves {
+    assign.iter().for_each(|&c| sizes[c] += 1);
+    let start = assign.clone();
+    let mut taken = 0;
+    for &(task, to) in candidates {
         let from = assign[task];
-        if touched[from] || touched[to] || sizes[from] < 2 {
+        if from != start[task] || from == to || sizes[from] < 2 {
             continue;
         }
-        next[task] = to;
-        sizes[from] -= 1;
-        sizes[to] += 1;
-        touched[from] = true;
-        touched[to] = true;
+        let mut trial = assign.clone();
+        trial[task] = to;
+        if seen.contains(&cluster::canonical(&trial, k)) {
+            continue;
+        }
+        let regrets = judge(&trial, [from, to])?;
+        let change: f64 = regrets.iter().map(|&(t, r)| r - own_regret[t]).sum();
+        if change < -1e-9 {
+            *assign = trial;
+            sizes[from] -= 1;
+            sizes[to] += 1;
+            regrets.into_iter().for_each(|(t, r)| own_regret[t] = r);
+            taken += 1;
+        }
     }
-    next
+    Ok(taken)
 }
 
 /// The `limit` candidates (change, task, other) with the lowest predicted change, ties broken
@@ -389,17 +400,52 @@ fn swap_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> Vec<
 mod tests {
     use super::*;
 
+    /// Regret of every member of clusters `changed` when a task's regret is the share of its
+    /// cluster that is of another kind.
+    fn mixing_regrets(kinds: &[usize], trial: &Assignment, changed: [usize; 2]) -> Vec<(usize, f64)> {
+        let mut out = Vec::new();
+        for (t, &c) in trial.iter().enumerate().filter(|&(_, c)| changed.contains(c)) {
+            let members: Vec<usize> = (0..trial.len()).filter(|&u| trial[u] == c).collect();
+            let others = members.iter().filter(|&&u| kinds[u] != kinds[t]).count();
+            out.push((t, others as f64 / members.len() as f64));
+        }
+        out
+    }
+
     #[test]
-    fn moves_between_the_same_two_clusters_are_taken_one_per_step() {
-        // Two mixed clusters: each measured move helps, but after the best one the others were
-        // judged against clusters that no longer exist.
-        let assign = vec![0, 1, 0, 1];
-        let measured = vec![(-0.10, 0, 1), (-0.09, 1, 0), (-0.05, 2, 1), (-0.04, 3, 0)];
-        let next = apply_moves(&assign, 2, &measured);
-        let moved: Vec<usize> = (0..4).filter(|&i| next[i] != assign[i]).collect();
-        assert_eq!(moved, vec![0], "only the best move between two clusters: {next:?}");
-        // A move that does not lower the objective is never taken.
-        assert_eq!(apply_moves(&assign, 2, &[(0.0, 0, 1), (0.2, 1, 0)]), assign);
+    fn moves_between_the_same_two_clusters_are_taken_in_one_step_each_judged_after_the_last() {
+        // Kinds a a a b b b, clusters {0, 1, 4} and {2, 3, 5}: moving 4 out and 2 in unmixes both,
+        // and the second move is judged on the partition the first one left.
+        let kinds = [0, 0, 0, 1, 1, 1];
+        let mut assign = vec![0, 0, 1, 1, 0, 1];
+        let mut own: Vec<f64> = mixing_regrets(&kinds, &assign, [0, 1]).into_iter().map(|(_, r)| r).collect();
+        let mut judged = Vec::new();
+        let candidates = [(4, 1), (2, 0), (0, 1), (4, 0)];
+        let taken = take_improving_moves(&mut assign, 2, &mut own, &candidates, &HashSet::new(), |trial, changed| {
+            judged.push(trial.clone());
+            Ok(mixing_regrets(&kinds, trial, changed))
+        })
+        .unwrap();
+        assert_eq!(taken, 2);
+        assert_eq!(assign, vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(own, vec![0.0; 6], "the regrets of the taken moves are kept");
+        // The second trial holds the first move; task 0 leaving a pure cluster is judged and
+        // refused; task 4, already moved, is not judged again.
+        assert_eq!(judged, vec![vec![0, 0, 1, 1, 1, 1], vec![0, 0, 0, 1, 1, 1], vec![1, 0, 0, 1, 1, 1]]);
+    }
+
+    #[test]
+    fn no_move_empties_a_cluster_or_enters_a_partition_already_seen() {
+        let kinds = [0, 1, 1];
+        let mut assign = vec![0, 0, 1];
+        let mut own: Vec<f64> = mixing_regrets(&kinds, &assign, [0, 1]).into_iter().map(|(_, r)| r).collect();
+        let seen: HashSet<Assignment> = [cluster::canonical(&[0, 1, 1], 2)].into_iter().collect();
+        // 1 -> cluster 1 would unmix both but is seen; 2 -> cluster 0 would empty cluster 1.
+        let taken = take_improving_moves(&mut assign, 2, &mut own, &[(1, 1), (2, 0)], &seen, |trial, changed| {
+            Ok(mixing_regrets(&kinds, trial, changed))
+        })
+        .unwrap();
+        assert_eq!((taken, assign), (0, vec![0, 0, 1]));
     }
 
     #[test]
@@ -421,15 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn independent_moves_happen_in_one_step_and_no_cluster_empties() {
-        let assign = vec![0, 0, 1, 1, 2, 2, 3];
-        let measured = vec![
-            (-0.5, 0, 1),
-            (-0.4, 4, 3), // a different pair of clusters, so it moves in the same step
-            (-0.9, 6, 2), // would empty cluster 3
-        ];
-        assert_eq!(apply_moves(&assign, 4, &measured), vec![1, 0, 1, 1, 3, 2, 3]);
-        // The screen never offers a move out of a cluster of one.
+    fn the_screen_never_offers_a_move_out_of_a_cluster_of_one() {
         let regrets = vec![vec![0.1, 0.9]; 3];
         assert!(move_candidates(&[0, 0, 1], &regrets, 8).iter().all(|&(i, _)| i != 2));
     }

@@ -1,5 +1,8 @@
 //! Once the clusters are fixed: per cluster, the merge operator and weight multiplier that serve
 //! its own tasks best on their examples; then per task, the scale its adapter is served at.
+//! Both are judged as the search judges clusters ([`Pool::judge`]): a merge fitted to the
+//! examples' inputs (regmean) is scored out of sample under `--judge cross-fit`, so that
+//! neither choice prefers what only fits the ten examples; what ships is the fit on all of them.
 
 use super::evaluator::{Candidate, ClusterEval, Evaluator, Pool};
 use super::options::MergeRunOptions;
@@ -39,15 +42,16 @@ pub(crate) fn tune_merges(
                 }
             }
         }
-        let mut best_here: Option<(f64, Candidate, Method, f32)> = None;
+        let mut best_here: Option<(f64, Method, f32)> = None;
         for (m, s) in options {
-            let (cand, got) = pool.eval(ev, members, m, s, rank, &member_tasks)?;
+            let got = pool.judge(ev, members, m, s, rank, pool.tasks, members, 1.0)?;
             let obj = cluster_objective(&got);
             if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
-                best_here = Some((obj, cand, m, s));
+                best_here = Some((obj, m, s));
             }
         }
-        let (obj, cand, m, s) = best_here.expect("at least one option");
+        let (obj, m, s) = best_here.expect("at least one option");
+        let cand = pool.candidate(ev, members, m, s, rank)?;
         chosen.push(ClusterEval { candidate: cand, choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }) });
         pb.inc(1);
     }
@@ -80,7 +84,7 @@ pub(crate) fn serve_scales(
     let pb = crate::progress::bar(opts.progress, shared.len() as u64, "serve scales");
     for c in shared {
         let members = &groups[c];
-        for (&i, s) in members.iter().zip(climb_scales(ev, pool, baselines, opts, members, &chosen[c].candidate)?) {
+        for (&i, s) in members.iter().zip(climb_scales(ev, pool, baselines, opts, members, &chosen[c].candidate, chosen[c].merged_by())?) {
             scales[i] = s;
         }
         pb.inc(1);
@@ -90,6 +94,9 @@ pub(crate) fn serve_scales(
 }
 
 /// The serve scale of each of `members` on `candidate` (the climb [`serve_scales`] describes).
+/// `merged_by`: the operator and multiplier `candidate` merged `members` with; where
+/// [`Pool::judge`] cross-fits that merge, each scale is judged on the fold fits instead.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn climb_scales(
     ev: &mut Evaluator,
     pool: &Pool<'_>,
@@ -97,14 +104,25 @@ pub(crate) fn climb_scales(
     opts: &MergeRunOptions,
     members: &[usize],
     candidate: &Candidate,
+    merged_by: Option<(Method, f32)>,
 ) -> Result<Vec<f32>> {
+    // At the rank it shipped at (a byte budget may have lowered it); a candidate cut per
+    // target is judged as it is.
+    let rank = candidate.rank;
+    let refit = merged_by.filter(|&(m, _)| candidate.target_ranks.is_none() && pool.cross_fits(members, m));
+    let scores_at = |ev: &mut Evaluator, serve: f32, at: &[usize]| -> Result<Vec<TaskScore>> {
+        match refit {
+            Some((m, s)) => pool.judge(ev, members, m, s, rank, pool.tasks, at, serve),
+            None => ev.scores_at(Some(candidate), serve, &pick(pool.tasks, at)),
+        }
+    };
     let mut up: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s > 1.0).collect();
     up.sort_by(f32::total_cmp);
     up.dedup();
     let mut down: Vec<f32> = opts.serve_scales.iter().copied().filter(|&s| s < 1.0).collect();
     down.sort_by(|a, b| b.total_cmp(a));
     down.dedup();
-    let at_one = ev.scores(Some(candidate), &pick(pool.tasks, members))?;
+    let at_one = scores_at(ev, 1.0, members)?;
     let mut best: Vec<(f64, f32)> = members.iter().zip(&at_one).map(|(&i, &g)| (baselines.regret(i, g), 1.0)).collect();
     for ladder in [&up, &down] {
         // Going down only for the tasks going up left at 1.
@@ -114,7 +132,7 @@ pub(crate) fn climb_scales(
                 break;
             }
             let at: Vec<usize> = climbing.iter().map(|&m| members[m]).collect();
-            let got = ev.scores_at(Some(candidate), s, &pick(pool.tasks, &at))?;
+            let got = scores_at(ev, s, &at)?;
             let mut still = Vec::new();
             for (&m, &g) in climbing.iter().zip(&got) {
                 let r = baselines.regret(members[m], g);

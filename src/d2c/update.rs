@@ -106,13 +106,13 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
         // Judged as `merge` judged its clusters: where it cross-fitted, both sides out of
         // sample; else the shipped file's scores are the cluster's as it stands.
         let before_scores = if pool.cross_fits(members, method) {
-            pool.judge(&mut work.ev, members, method, scale, rank, &work.tasks, members)?
+            pool.judge(&mut work.ev, members, method, scale, rank, &work.tasks, members, 1.0)?
         } else {
             work.ev.scores(Some(&current[c]), &pick(&work.tasks, members))?
         };
         let before: f64 = before_scores.iter().zip(members).map(|(&g, &i)| baselines.regret(i, g)).sum();
         let with_t = with_member(members, t);
-        let got = pool.judge(&mut work.ev, &with_t, method, scale, rank, &work.tasks, &with_t)?;
+        let got = pool.judge(&mut work.ev, &with_t, method, scale, rank, &work.tasks, &with_t, 1.0)?;
         let after: f64 = got.iter().zip(&with_t).map(|(&g, &i)| baselines.regret(i, g)).sum();
         options.push((after - before, Placement::ReMerged(c)));
     }
@@ -129,13 +129,14 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
     let (c, members, chosen, file) = match placement {
         Placement::Joined(c) => {
             let members = with_member(&groups[c], t);
-            scales[t] = super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &[t], &current[c])?[0];
+            // The task is not in the merge it joins: its examples are out of sample as they are.
+            scales[t] = super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &[t], &current[c], None)?[0];
             (c, members, ClusterEval { candidate: current[c].clone(), choice: set.manifest.adapters[c].merge.clone() }, None)
         }
         Placement::ReMerged(c) => {
             let members = with_member(&groups[c], t);
             let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&members), rank)?.remove(0);
-            for (&i, s) in members.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &members, &chosen.candidate)?) {
+            for (&i, s) in members.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &members, &chosen.candidate, chosen.merged_by())?) {
                 scales[i] = s;
             }
             let file = set.manifest.adapters[c].file.clone();
@@ -222,7 +223,7 @@ pub fn remove(opts: &UpdateOptions, task: &str) -> Result<Manifest> {
         let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&rest), rank)?.remove(0);
         let mut scales = vec![1.0f32; work.tasks.len()];
         if rest.len() > 1 {
-            for (&i, s) in rest.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &rest, &chosen.candidate)?) {
+            for (&i, s) in rest.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &rest, &chosen.candidate, chosen.merged_by())?) {
                 scales[i] = s;
             }
         }
