@@ -559,8 +559,20 @@ fn cross_fitted_tuning_judges_each_operator_and_serve_scale_on_the_fold_fits() {
     let seed = bad_random_seed().to_string();
     let (code, o, e) = merge(
         &[
-            "--budget", "2", "--strategy", "random", "--seed", &seed, "--tune-methods", "regmean", "--tune-scales", "1,1.5",
-            "--serve-scales", "1,1.5", "--cache", common::path_str(&cache),
+            "--budget",
+            "2",
+            "--strategy",
+            "random",
+            "--seed",
+            &seed,
+            "--tune-methods",
+            "regmean",
+            "--tune-scales",
+            "1,1.5",
+            "--serve-scales",
+            "1,1.5",
+            "--cache",
+            common::path_str(&cache),
         ],
         &out,
     );

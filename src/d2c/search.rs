@@ -223,8 +223,7 @@ pub(crate) fn search(
                 if seen.contains(&cluster::canonical(&trial, k)) {
                     continue;
                 }
-                let change: f64 =
-                    own_clusters(ev, &mut predicted, &trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum();
+                let change: f64 = own_clusters(ev, &mut predicted, &trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum();
                 if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
                     best_swap = Some((change, cluster::canonical(&trial, k)));
                 }
@@ -441,10 +440,9 @@ mod tests {
         let mut own: Vec<f64> = mixing_regrets(&kinds, &assign, [0, 1]).into_iter().map(|(_, r)| r).collect();
         let seen: HashSet<Assignment> = [cluster::canonical(&[0, 1, 1], 2)].into_iter().collect();
         // 1 -> cluster 1 would unmix both but is seen; 2 -> cluster 0 would empty cluster 1.
-        let taken = take_improving_moves(&mut assign, 2, &mut own, &[(1, 1), (2, 0)], &seen, |trial, changed| {
-            Ok(mixing_regrets(&kinds, trial, changed))
-        })
-        .unwrap();
+        let taken =
+            take_improving_moves(&mut assign, 2, &mut own, &[(1, 1), (2, 0)], &seen, |trial, changed| Ok(mixing_regrets(&kinds, trial, changed)))
+                .unwrap();
         assert_eq!((taken, assign), (0, vec![0, 0, 1]));
     }
 

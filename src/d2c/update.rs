@@ -136,7 +136,15 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
         Placement::ReMerged(c) => {
             let members = with_member(&groups[c], t);
             let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&members), rank)?.remove(0);
-            for (&i, s) in members.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &members, &chosen.candidate, chosen.merged_by())?) {
+            for (&i, s) in members.iter().zip(super::tune::climb_scales(
+                &mut work.ev,
+                &pool,
+                &baselines,
+                &work.run,
+                &members,
+                &chosen.candidate,
+                chosen.merged_by(),
+            )?) {
                 scales[i] = s;
             }
             let file = set.manifest.adapters[c].file.clone();
@@ -223,7 +231,9 @@ pub fn remove(opts: &UpdateOptions, task: &str) -> Result<Manifest> {
         let chosen = super::tune::tune_merges(&mut work.ev, &pool, &baselines, &work.run, std::slice::from_ref(&rest), rank)?.remove(0);
         let mut scales = vec![1.0f32; work.tasks.len()];
         if rest.len() > 1 {
-            for (&i, s) in rest.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &rest, &chosen.candidate, chosen.merged_by())?) {
+            for (&i, s) in
+                rest.iter().zip(super::tune::climb_scales(&mut work.ev, &pool, &baselines, &work.run, &rest, &chosen.candidate, chosen.merged_by())?)
+            {
                 scales[i] = s;
             }
         }
