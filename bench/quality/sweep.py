@@ -49,7 +49,14 @@ ALLOCATOR_REVISION = 2
 # fit on the other half); "d2c-insample" is revision 4 with `--judge in-sample`, revision 3's search.
 # 5 = a round takes every judged move that helps, each judged after the ones taken before it
 # (revision 4 took only moves between clusters no better move of the round had touched).
-D2C_REVISION = 5
+# 6 = the tuning (operator x multiplier) and the serve scales chosen by the cross-fitted judge
+# too (revision 5 chose them in sample, on the fit to all examples).
+D2C_REVISION = 6
+# Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
+# the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the
+# cross-fitted judge (merge --judge cross-fit) instead of in sample.
+TUNING_REVISION = 2
+TUNED_STRATEGIES = ("random", "kmeans", "single")
 D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample")
 
 
@@ -209,6 +216,8 @@ def run(args: argparse.Namespace) -> None:
             key += f"/a{ALLOCATOR_REVISION}"
         if strategy in D2C_STRATEGIES and D2C_REVISION > 1:
             key += f"/d{D2C_REVISION}"
+        if strategy in TUNED_STRATEGIES and TUNING_REVISION > 1:
+            key += f"/t{TUNING_REVISION}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = merged_dir(key)
@@ -352,6 +361,11 @@ def report(args: argparse.Namespace) -> None:
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("d") else 1
             if revision != D2C_REVISION:
                 label += f" (revision {revision})"
+        if r["strategy"] in TUNED_STRATEGIES:
+            parts = r["key"].split("/")  # set/strategy/k/seed/settings[/tREVISION]
+            revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("t") else 1
+            if revision != TUNING_REVISION:
+                label += f" (tuning {revision})"
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
