@@ -50,8 +50,10 @@ ALLOCATOR_REVISION = 2
 # 5 = a round takes every judged move that helps, each judged after the ones taken before it
 # (revision 4 took only moves between clusters no better move of the round had touched).
 # 6 = the tuning (operator x multiplier) and the serve scales chosen by the cross-fitted judge
-# too (revision 5 chose them in sample, on the fit to all examples).
-D2C_REVISION = 6
+# too (revision 5 chose them in sample, on the fit to all examples). 7 = a round takes the best
+# judged move, then each other one that helped, best first, judged again where a taken move
+# changed its clusters (revision 5's order of the screen stopped at a higher objective).
+D2C_REVISION = 7
 # Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
 # the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the
 # cross-fitted judge (merge --judge cross-fit) instead of in sample.
