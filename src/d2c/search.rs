@@ -224,7 +224,7 @@ pub(crate) fn search(
                 if seen.contains(&cluster::canonical(&trial, k)) {
                     continue;
                 }
-                let change: f64 = own_clusters(ev, &mut predicted, &trial, Some(changed))?.iter().map(|&(t, r)| r - own_regret[t]).sum();
+                let change = objective_change(&own_regret, &own_clusters(ev, &mut predicted, &trial, Some(changed))?);
                 if change < -1e-9 && best_swap.as_ref().is_none_or(|(b, _)| change < *b) {
                     best_swap = Some((change, cluster::canonical(&trial, k)));
                 }
@@ -319,6 +319,12 @@ pub fn move_candidates(assign: &[usize], regrets: &[Vec<f64>], limit: usize) -> 
 /// (task, regret) of every member of the clusters a trial partition changed.
 type MemberRegrets = Vec<(usize, f64)>;
 
+/// How much a trial changes the summed regret: its changed clusters' members' regrets against
+/// theirs now.
+fn objective_change(own_regret: &[f64], regrets: &[(usize, f64)]) -> f64 {
+    regrets.iter().map(|&(t, r)| r - own_regret[t]).sum()
+}
+
 /// One step of moves: every candidate (task, to) is judged against `assign`, the one that lowers
 /// the objective most is taken, then each other one that lowered it, in order of how much,
 /// judged again against the partition as it stands where a move taken before it changed one of
@@ -340,7 +346,6 @@ where
 {
     let mut sizes = vec![0usize; k];
     assign.iter().for_each(|&c| sizes[c] += 1);
-    let change_of = |own_regret: &[f64], regrets: &[(usize, f64)]| -> f64 { regrets.iter().map(|&(t, r)| r - own_regret[t]).sum() };
     let start = assign.clone();
     // (change, task, to, the regrets of both clusters' members) of each move that helped.
     let mut helped: Vec<(f64, usize, usize, MemberRegrets)> = Vec::new();
@@ -355,7 +360,7 @@ where
             continue;
         }
         let regrets = judge(&trial, [from, to])?;
-        let change = change_of(own_regret, &regrets);
+        let change = objective_change(own_regret, &regrets);
         if change < -1e-9 {
             helped.push((change, task, to, regrets));
         }
@@ -378,7 +383,7 @@ where
         } else {
             measured
         };
-        if change_of(own_regret, &regrets) < -1e-9 {
+        if objective_change(own_regret, &regrets) < -1e-9 {
             *assign = trial;
             sizes[from] -= 1;
             sizes[to] += 1;

@@ -42,16 +42,26 @@ pub(crate) fn tune_merges(
                 }
             }
         }
-        let mut best_here: Option<(f64, Method, f32)> = None;
+        // A merge judged on its fold fits is built on all examples only once chosen; any other
+        // is judged on the very candidate that ships, kept from its scoring.
+        let mut best_here: Option<(f64, Method, f32, Option<Candidate>)> = None;
         for (m, s) in options {
-            let got = pool.judge(ev, members, m, s, rank, pool.tasks, members, 1.0)?;
+            let (cand, got) = if pool.cross_fits(members, m) {
+                (None, pool.judge(ev, members, m, s, rank, pool.tasks, members, 1.0)?)
+            } else {
+                let (cand, got) = pool.eval(ev, members, m, s, rank, &member_tasks)?;
+                (Some(cand), got)
+            };
             let obj = cluster_objective(&got);
             if best_here.as_ref().is_none_or(|(b, ..)| obj < *b - 1e-12) {
-                best_here = Some((obj, m, s));
+                best_here = Some((obj, m, s, cand));
             }
         }
-        let (obj, m, s) = best_here.expect("at least one option");
-        let cand = pool.candidate(ev, members, m, s, rank)?;
+        let (obj, m, s, cand) = best_here.expect("at least one option");
+        let cand = match cand {
+            Some(cand) => cand,
+            None => pool.candidate(ev, members, m, s, rank)?,
+        };
         chosen.push(ClusterEval { candidate: cand, choice: Some(MergeChoice { method: m.to_string(), scale: s, cluster_objective: obj }) });
         pb.inc(1);
     }
