@@ -53,9 +53,7 @@ ALLOCATOR_REVISION = 2
 # too (revision 5 chose them in sample, on the fit to all examples). 7 = a round takes the best
 # judged move, then each other one that helped, best first, judged again where a taken move
 # changed its clusters (revision 5's order of the screen stopped at a higher objective).
-# 8 = a round whose judged page of the screen (12 moves, 8 swaps) finds nothing judges the
-# next page in the next round instead of stopping (revision 7 converged at its first page).
-D2C_REVISION = 8
+D2C_REVISION = 7
 # Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
 # the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the
 # cross-fitted judge (merge --judge cross-fit) instead of in sample.

@@ -241,7 +241,6 @@ pub(crate) fn allocate(ev: &mut Evaluator, inp: &Inputs<'_>) -> Result<Allocatio
             clusters: groups.iter().map(|g| g.members.iter().map(|&i| inp.pool.tasks[i].name.clone()).collect()).collect(),
             scored_sequences: ev.scored_sequences - seq0,
             cached_sequences: ev.cached_sequences - cached0,
-            screen_page: 0,
         });
     };
     record(ev, &groups, &mut rounds, seq0, cached0);

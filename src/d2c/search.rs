@@ -141,10 +141,6 @@ pub(crate) fn search(
     let mut rounds: Vec<Round> = Vec::new();
     let mut seen: HashSet<Assignment> = HashSet::new();
     let mut best: Option<(f64, Assignment, usize)> = None;
-    // Pages of the screen judged at the current partition without a gain: the screen is a
-    // biased guess (a task under an adapter that lacks its delta), so when its most promising
-    // page finds nothing the next round judges the page after instead of stopping there.
-    let mut page = 0;
     let max_rounds = if refine { opts.rounds } else { 0 };
     let pb = crate::progress::bar(opts.progress, (max_rounds + 1) as u64, "clustering rounds");
     for round in 0..=max_rounds {
@@ -189,7 +185,6 @@ pub(crate) fn search(
             clusters: groups.iter().map(|g| g.iter().map(|&i| tasks[i].name.clone()).collect()).collect(),
             scored_sequences: ev.scored_sequences - seq0,
             cached_sequences: ev.cached_sequences - cached0,
-            screen_page: page,
         });
         if best.as_ref().is_none_or(|(b, _, _)| objective < *b - 1e-12) {
             best = Some((objective, assign.clone(), round));
@@ -204,17 +199,12 @@ pub(crate) fn search(
         // that helped, best first, judged again where a taken move changed its clusters
         // (taking only moves between untouched clusters moved one task a round at K = 4 and
         // left the objective falling; taking each in the screen's order as it helped spent
-        // the rounds on small gains and stopped higher). A round whose page of moves and swaps
-        // finds nothing leaves the partition as it is and the next one judges the next page.
+        // the rounds on small gains and stopped higher).
         let (seq0, cached0) = (ev.scored_sequences, ev.cached_sequences);
-        let (moves, more_moves) = screen_page(
-            match model.filter(|_| !scored_screen) {
-                Some(m) => predicted_moves(m, &assign, k, usize::MAX),
-                None => move_candidates(&assign, &regrets, usize::MAX),
-            },
-            page,
-            MOVE_CANDIDATES,
-        );
+        let moves = match model.filter(|_| !scored_screen) {
+            Some(m) => predicted_moves(m, &assign, k, MOVE_CANDIDATES),
+            None => move_candidates(&assign, &regrets, MOVE_CANDIDATES),
+        };
         let taken = take_improving_moves(&mut assign, k, &mut own_regret, &moves, &seen, |trial, changed| {
             own_clusters(ev, &mut predicted, trial, Some(changed))
         })?;
@@ -222,14 +212,10 @@ pub(crate) fn search(
         if taken == 0 {
             // No single move helps (a symmetric mix: every task best served at home):
             // swaps of two tasks between clusters, the most promising few.
-            let (swaps, more_swaps) = screen_page(
-                match model.filter(|_| !scored_screen) {
-                    Some(m) => predicted_swaps(m, &assign, usize::MAX),
-                    None => swap_candidates(&assign, &regrets, usize::MAX),
-                },
-                page,
-                SWAP_CANDIDATES,
-            );
+            let swaps = match model.filter(|_| !scored_screen) {
+                Some(m) => predicted_swaps(m, &assign, SWAP_CANDIDATES),
+                None => swap_candidates(&assign, &regrets, SWAP_CANDIDATES),
+            };
             let mut best_swap: Option<(f64, Assignment)> = None;
             for (i, j) in swaps {
                 let mut trial = assign.clone();
@@ -244,19 +230,12 @@ pub(crate) fn search(
                 }
             }
             match best_swap {
-                Some((_, trial)) => {
-                    next = trial;
-                    page = 0;
-                }
-                None if more_moves || more_swaps => page += 1,
+                Some((_, trial)) => next = trial,
                 None => {
                     record_extra(&mut rounds, ev, seq0, cached0);
-                    break; // no move or swap the screen offers helps: converged
+                    break; // neither a move nor a swap helps: converged
                 }
             }
-        }
-        if taken > 0 {
-            page = 0;
         }
         record_extra(&mut rounds, ev, seq0, cached0);
         assign = next;
@@ -424,13 +403,6 @@ fn most_promising(mut candidates: Vec<(f64, usize, usize)>, limit: usize) -> Vec
     candidates.into_iter().take(limit).map(|(_, i, j)| (i, j)).collect()
 }
 
-/// Page `page` of a screen's ranking, `size` candidates a page (the candidates after those the
-/// rounds before judged at the same partition), and whether any are left after it.
-fn screen_page(ranked: Vec<(usize, usize)>, page: usize, size: usize) -> (Vec<(usize, usize)>, bool) {
-    let more = ranked.len() > (page + 1) * size;
-    (ranked.into_iter().skip(page * size).take(size).collect(), more)
-}
-
 /// Charges the moves and swaps judged after a round's scores to that round.
 fn record_extra(rounds: &mut [Round], ev: &Evaluator, seq0: usize, cached0: usize) {
     if let Some(last) = rounds.last_mut() {
@@ -530,22 +502,6 @@ mod tests {
         assert!(swaps.contains(&(1, 2)) && swaps.contains(&(0, 3)));
         assert!(swap_candidates(&assign, &regrets, 1).len() == 1);
         assert!(swap_candidates(&[0, 0, 0], &[vec![0.1], vec![0.1], vec![0.1]], 8).is_empty());
-    }
-
-    #[test]
-    fn a_partition_the_screen_found_nothing_at_is_judged_on_the_next_page() {
-        let assign = vec![0, 0, 1, 1, 2, 2];
-        // Task i gains (k + i) / 10 under a cluster k it is not in: every move ranked apart.
-        let regrets: Vec<Vec<f64>> =
-            (0..6).map(|i| (0..3).map(|c| if assign[i] == c { 1.0 } else { 1.0 - (c + i) as f64 / 10.0 }).collect()).collect();
-        let ranked = move_candidates(&assign, &regrets, usize::MAX);
-        assert_eq!(ranked.len(), 12);
-        let pages: Vec<_> = (0..4).map(|p| screen_page(ranked.clone(), p, 5)).collect();
-        assert_eq!(pages[0], (ranked[..5].to_vec(), true));
-        assert_eq!(pages[1], (ranked[5..10].to_vec(), true));
-        assert_eq!(pages[2], (ranked[10..].to_vec(), false), "the last page says nothing is left after it");
-        assert_eq!(pages[3], (vec![], false));
-        assert_eq!(ranked[0], (5, 1), "the largest predicted gain first");
     }
 
     #[test]

@@ -81,11 +81,6 @@ pub struct Round {
     /// Sequences scored by llama.cpp this round, and those answered from the cache instead.
     pub scored_sequences: usize,
     pub cached_sequences: usize,
-    /// Which page of the screen's ranking this round judged (a page: the 12 most promising
-    /// moves, the 8 most promising swaps): 0, or n where the n pages before it found nothing
-    /// at this same partition (absent in manifests from before the screen was paged).
-    #[serde(default)]
-    pub screen_page: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
