@@ -53,6 +53,8 @@ ALLOCATOR_REVISION = 2
 # too (revision 5 chose them in sample, on the fit to all examples). 7 = a round takes the best
 # judged move, then each other one that helped, best first, judged again where a taken move
 # changed its clusters (revision 5's order of the screen stopped at a higher objective).
+# 8 (measured, not kept: commit bfe7254) = a round whose page of the screen found nothing judged
+# the next page; its rows stay in results.jsonl under /d8, so the next revision is 9.
 D2C_REVISION = 7
 # Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
 # the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the
