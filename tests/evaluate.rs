@@ -240,11 +240,19 @@ fn the_scorers_exact_verdict_agrees_with_greedy_eval() {
     let own = evaluate(&common::base_model(), &set.join("samples"), &AdapterChoice::PerTask(set.join("adapters")), &eval_opts).unwrap();
     let base = evaluate(&common::base_model(), &set.join("samples"), &AdapterChoice::Base, &eval_opts).unwrap();
     let (mut agree, mut total, mut right) = (0, 0, 0);
+    let (mut near_edge, mut far) = (0, 0);
     for (i, task) in tasks.iter().enumerate() {
         for (score, report) in [(&scores[2 * i], &own), (&scores[2 * i + 1], &base)] {
             for (s, p) in score.per_sample.iter().zip(&report.tasks[*task].predictions) {
                 total += 1;
                 right += p.correct as usize;
+                // The margin is the verdict's distance from flipping: its sign is the verdict.
+                assert!(s.margin.is_finite() && (s.margin > 0.0) == s.exact, "{task}: margin {} with verdict {}", s.margin, s.exact);
+                if s.margin.abs() < 1.0 {
+                    near_edge += 1;
+                } else {
+                    far += 1;
+                }
                 if s.exact == p.correct {
                     agree += 1;
                 } else {
@@ -258,6 +266,8 @@ fn the_scorers_exact_verdict_agrees_with_greedy_eval() {
     // Both outcomes occur, so agreement is not trivial.
     assert!(right > 10 && right < 70, "{right} of 80 right");
     assert!(agree >= 78, "verdict agrees with greedy eval on only {agree}/{total}");
+    eprintln!("margins: {near_edge} within 1 logit of flipping, {far} farther");
+    assert!(far > 0, "every margin near zero: not a logit difference");
 }
 
 #[test]

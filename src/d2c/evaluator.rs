@@ -118,7 +118,7 @@ impl Evaluator {
             Some(c) if scale == 1.0 => c.hash.clone(),
             Some(c) => format!("{}@{scale}", c.hash),
         };
-        let mut out = vec![Cached { mean_nll: f64::NAN, tokens: 0, exact: 0, samples: 0 }; tasks.len()];
+        let mut out = vec![Cached { mean_nll: f64::NAN, tokens: 0, exact: 0, soft: 0.0, samples: 0 }; tasks.len()];
         let mut todo = Vec::new();
         for (i, t) in tasks.iter().enumerate() {
             let key = self.cache.key(&adapter_key, &t.samples_hash);
@@ -152,7 +152,8 @@ impl Evaluator {
         let results = self.scorer.score(&jobs)?;
         for ((i, key), r) in todo.into_iter().zip(results) {
             self.scored_sequences += tasks[i].samples.len();
-            let cached = Cached { mean_nll: r.mean_nll, tokens: r.tokens, exact: r.exact, samples: tasks[i].samples.len() };
+            let soft = r.per_sample.iter().map(|s| crate::objective::soft_verdict(s.margin)).sum();
+            let cached = Cached { mean_nll: r.mean_nll, tokens: r.tokens, exact: r.exact, soft, samples: tasks[i].samples.len() };
             out[i] = cached;
             self.cache.put(key, cached)?;
         }

@@ -109,6 +109,8 @@ pub(crate) fn cluster_scores(
                     exact_own: baselines.own[i].exact,
                     exact_base: baselines.base[i].exact,
                     exact_merged: got.exact,
+                    soft_own: baselines.own[i].soft,
+                    soft_merged: got.soft,
                     regret: baselines.regret(i, got),
                     examples: tasks[i].samples.len(),
                     tokens: baselines.tokens[i],

@@ -27,12 +27,15 @@ pub(crate) struct Cached {
     pub tokens: usize,
     /// Samples greedy decoding reproduces, of `samples`.
     pub exact: usize,
+    /// Sum of the samples' soft verdicts ([`crate::objective::soft_verdict`] of their margins).
+    pub soft: f64,
     pub samples: usize,
 }
 
 impl Cached {
     pub(crate) fn task_score(&self) -> TaskScore {
-        TaskScore { nll: self.mean_nll, exact: self.exact as f64 / self.samples.max(1) as f64 }
+        let n = self.samples.max(1) as f64;
+        TaskScore { nll: self.mean_nll, exact: self.exact as f64 / n, soft: self.soft / n }
     }
 
     /// Two disjoint example sets' scores as one: the NLL weighted by tokens, the counts added.
@@ -43,7 +46,7 @@ impl Cached {
         } else {
             (self.mean_nll * self.tokens as f64 + other.mean_nll * other.tokens as f64) / tokens as f64
         };
-        Cached { mean_nll, tokens, exact: self.exact + other.exact, samples: self.samples + other.samples }
+        Cached { mean_nll, tokens, exact: self.exact + other.exact, soft: self.soft + other.soft, samples: self.samples + other.samples }
     }
 }
 
@@ -66,13 +69,13 @@ impl ScoreCache {
                     }
                     for line in text.lines() {
                         // A line cut short by a kill is simply not reused, nor one written before
-                        // exact-match counts were kept.
+                        // exact-match counts and soft verdicts were kept.
                         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
                             let field = |name: &str| v[name].as_u64().map(|x| x as usize);
-                            if let (Some(k), Some(mean_nll), Some(tokens), Some(exact), Some(samples)) =
-                                (v["key"].as_str(), v["mean_nll"].as_f64(), field("tokens"), field("exact"), field("samples"))
+                            if let (Some(k), Some(mean_nll), Some(tokens), Some(exact), Some(soft), Some(samples)) =
+                                (v["key"].as_str(), v["mean_nll"].as_f64(), field("tokens"), field("exact"), v["soft"].as_f64(), field("samples"))
                             {
-                                map.insert(k.to_string(), Cached { mean_nll, tokens, exact, samples });
+                                map.insert(k.to_string(), Cached { mean_nll, tokens, exact, soft, samples });
                             }
                         }
                     }
@@ -95,7 +98,7 @@ impl ScoreCache {
     pub(crate) fn put(&mut self, key: String, value: Cached) -> Result<()> {
         if let Some((path, f)) = &mut self.file {
             // One write per line (O_APPEND): a kill leaves whole lines or one cut-off tail.
-            let line = json!({"key": key, "mean_nll": value.mean_nll, "tokens": value.tokens, "exact": value.exact, "samples": value.samples})
+            let line = json!({"key": key, "mean_nll": value.mean_nll, "tokens": value.tokens, "exact": value.exact, "soft": value.soft, "samples": value.samples})
                 .to_string()
                 + "\n";
             f.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
@@ -111,11 +114,12 @@ mod tests {
 
     #[test]
     fn two_halves_add_up_to_the_whole() {
-        let a = Cached { mean_nll: 1.0, tokens: 30, exact: 2, samples: 5 };
-        let b = Cached { mean_nll: 2.0, tokens: 10, exact: 4, samples: 5 };
+        let a = Cached { mean_nll: 1.0, tokens: 30, exact: 2, soft: 2.5, samples: 5 };
+        let b = Cached { mean_nll: 2.0, tokens: 10, exact: 4, soft: 4.0, samples: 5 };
         let both = a.plus(&b);
         assert_eq!((both.tokens, both.exact, both.samples), (40, 6, 10));
         assert!((both.mean_nll - 1.25).abs() < 1e-12, "token-weighted: {}", both.mean_nll);
         assert!((both.task_score().exact - 0.6).abs() < 1e-12);
+        assert!((both.task_score().soft - 0.65).abs() < 1e-12);
     }
 }

@@ -65,6 +65,12 @@ pub struct TaskScores {
     pub exact_base: f64,
     #[serde(default)]
     pub exact_merged: f64,
+    /// Mean soft verdict of the examples (each counted by how surely greedy decoding reproduces
+    /// it, from its margin) under the own adapter and the assigned one (absent before kept).
+    #[serde(default)]
+    pub soft_own: f64,
+    #[serde(default)]
+    pub soft_merged: f64,
     /// The task's term of the objective (`settings.objective`): 0 = as good as its own
     /// adapter; under `nll`, 1 = as bad as no adapter.
     pub regret: f64,

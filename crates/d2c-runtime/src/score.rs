@@ -98,6 +98,11 @@ pub struct SampleScore {
     /// turn. This is `eval`'s exact match (first line, trimmed) without generating, up to how
     /// the completion is tokenised after its prompt.
     pub exact: bool,
+    /// How far the sample is from flipping that verdict, in logits: the smallest, over its
+    /// scored tokens, of the token's logit less the best other one, and, where the stop is
+    /// judged, of the best line-ending logit less the best other one. Positive where `exact`
+    /// holds (up to ties), negative by how much the worst position missed where it does not.
+    pub margin: f64,
 }
 
 /// The score of a sample set under one adapter.
@@ -358,12 +363,16 @@ impl Scorer {
                 for (piece, outcome) in scored {
                     let slot = &mut sums.get_mut(&piece.0).expect("planned set")[piece.1];
                     match outcome {
-                        Outcome::Token { nll, argmax } => {
+                        Outcome::Token { nll, argmax, margin } => {
                             slot.nats += nll;
                             slot.tokens += 1;
                             slot.all_argmax &= argmax;
+                            slot.margin = slot.margin.min(margin);
                         }
-                        Outcome::Stop(ends) => slot.stops = Some(ends),
+                        Outcome::Stop { ends, margin } => {
+                            slot.stops = Some(ends);
+                            slot.margin = slot.margin.min(margin);
+                        }
                     }
                 }
                 if decode.clear_after {
@@ -407,21 +416,24 @@ struct Tally {
     /// Whether the argmax after the last token ends the line; `None` where the scored tokens
     /// already end with the stop (`--end newline|eog`).
     stops: Option<bool>,
+    /// The smallest margin so far ([`SampleScore::margin`]).
+    margin: f64,
 }
 
 impl Default for Tally {
     fn default() -> Self {
-        Tally { nats: 0.0, tokens: 0, all_argmax: true, stops: None }
+        Tally { nats: 0.0, tokens: 0, all_argmax: true, stops: None, margin: f64::INFINITY }
     }
 }
 
 /// What one requested logits row told about its sample.
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
-    /// A scored token: its NLL, and whether it was the argmax.
-    Token { nll: f64, argmax: bool },
-    /// The row after the sample's last token: does its argmax end the line.
-    Stop(bool),
+    /// A scored token: its NLL, whether it was the argmax, and its logit less the best other.
+    Token { nll: f64, argmax: bool, margin: f64 },
+    /// The row after the sample's last token: does its argmax end the line, and the best
+    /// line-ending logit less the best other.
+    Stop { ends: bool, margin: f64 },
 }
 
 fn set_score(sums: &[Tally]) -> SetScore {
@@ -429,7 +441,7 @@ fn set_score(sums: &[Tally]) -> SetScore {
     let tokens: usize = sums.iter().map(|s| s.tokens).sum();
     let per_sample: Vec<SampleScore> = sums
         .iter()
-        .map(|t| SampleScore { nll: t.nats / t.tokens as f64, tokens: t.tokens, exact: t.all_argmax && t.stops.unwrap_or(true) })
+        .map(|t| SampleScore { nll: t.nats / t.tokens as f64, tokens: t.tokens, exact: t.all_argmax && t.stops.unwrap_or(true), margin: t.margin })
         .collect();
     SetScore { mean_nll: nats / tokens as f64, tokens, exact: per_sample.iter().filter(|s| s.exact).count(), per_sample }
 }
@@ -569,12 +581,31 @@ fn run_decode(
         .map(|(o, l)| {
             let best = llama::greedy_token(l).0 as usize;
             let outcome = match o.2 {
-                Some(target) => Outcome::Token { nll: token_nll(l, target), argmax: best == target },
-                None => Outcome::Stop(ends_line.is_some_and(|e| e.get(best).copied().unwrap_or(false))),
+                Some(target) => {
+                    Outcome::Token { nll: token_nll(l, target), argmax: best == target, margin: best_in_less_best_out(l, |j| j == target) }
+                }
+                None => {
+                    let ends = |j: usize| ends_line.is_some_and(|e| e.get(j).copied().unwrap_or(false));
+                    Outcome::Stop { ends: ends(best), margin: best_in_less_best_out(l, ends) }
+                }
             };
             (o.1, outcome)
         })
         .collect())
+}
+
+/// The largest logit of the entries `inside` holds less the largest of the others: how far the
+/// argmax is from leaving (or entering) that set.
+fn best_in_less_best_out(logits: &[f32], inside: impl Fn(usize) -> bool) -> f64 {
+    let (mut best_in, mut best_out) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (j, &v) in logits.iter().enumerate() {
+        if inside(j) {
+            best_in = best_in.max(v);
+        } else {
+            best_out = best_out.max(v);
+        }
+    }
+    best_in as f64 - best_out as f64
 }
 
 /// `-log softmax(logits)[target]` in nats. The exponentials use a polynomial that the compiler
