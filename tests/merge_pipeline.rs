@@ -397,6 +397,35 @@ fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
 }
 
 #[test]
+fn the_soft_objective_counts_each_example_by_its_margin() {
+    let dir = common::tempdir();
+    let out = dir.path().join("soft");
+    let (code, o, e) = merge(&["--budget", "2", "--no-tune", "--objective", "soft"], &out);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&out);
+    assert_eq!(m.settings["objective"], "soft");
+    assert!(m.settings["objective_definition"].as_str().unwrap().contains("margin"));
+    let mut told_apart = 0;
+    for (task, s) in &m.scores {
+        // A soft share lies strictly between 0 and 1, and sits near the exact share: each
+        // example's verdict is 0 or 1 exactly where its soft verdict is below or above a half.
+        for (soft, exact) in [(s.soft_own, s.exact_own), (s.soft_merged, s.exact_merged)] {
+            assert!(soft > 0.0 && soft < 1.0, "{task}: soft {soft}");
+            assert!((soft - exact).abs() <= 0.5, "{task}: soft {soft} against exact {exact}");
+        }
+        if s.exact_own > 0.0 {
+            let nll = (s.nll_merged - s.nll_own) / (s.nll_base - s.nll_own);
+            let expected = (s.soft_own - s.soft_merged) / s.soft_own + 0.05 * nll;
+            assert!((s.regret - expected).abs() < 1e-9, "{task}: regret {} against {expected}", s.regret);
+            told_apart += (s.soft_merged != s.soft_own && s.exact_merged == s.exact_own) as usize;
+        }
+    }
+    // Merged adapters shift the margins of examples they still reproduce: exact match alone
+    // would call those tasks unchanged.
+    assert!(told_apart > 0, "no task whose exact share held but whose soft share moved: {:?}", m.scores);
+}
+
+#[test]
 fn a_byte_budget_is_met_by_choosing_ranks() {
     let dir = common::tempdir();
     let full = dir.path().join("full");
