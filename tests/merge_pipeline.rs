@@ -38,7 +38,11 @@ fn task_set() -> &'static Path {
 }
 
 fn merge(extra: &[&str], out: &Path) -> (i32, String, String) {
-    let set = task_set();
+    merge_set(task_set(), extra, out)
+}
+
+/// `merge` of the task set in `set` (its `adapters/` and `samples/`).
+fn merge_set(set: &Path, extra: &[&str], out: &Path) -> (i32, String, String) {
     let base = common::base_model();
     let mut args = vec![
         "merge".to_string(),
@@ -410,29 +414,7 @@ fn the_soft_objective_counts_each_example_by_its_margin() {
         std::os::unix::fs::symlink(demo.join(format!("samples/{task}.jsonl")), dir.path().join(format!("samples/{task}.jsonl"))).unwrap();
     }
     let out = dir.path().join("soft");
-    let base = common::base_model();
-    let (adapters, samples) = (dir.path().join("adapters"), dir.path().join("samples"));
-    let args = [
-        "merge",
-        "--base",
-        common::path_str(&base),
-        "--adapters",
-        common::path_str(&adapters),
-        "--samples",
-        common::path_str(&samples),
-        "--budget",
-        "1",
-        "--method",
-        "svd",
-        "--no-tune",
-        "--objective",
-        "soft",
-        "--threads",
-        "2",
-        "--out",
-        common::path_str(&out),
-    ];
-    let (code, o, e) = common::run_cli(&args);
+    let (code, o, e) = merge_set(dir.path(), &["--budget", "1", "--method", "svd", "--no-tune", "--objective", "soft"], &out);
     assert_eq!(code, 0, "{o}{e}");
     let m = Manifest::read(&out.join("manifest.json")).unwrap();
     assert_eq!(m.scores.len(), 2);
