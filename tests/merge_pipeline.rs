@@ -429,7 +429,7 @@ fn the_soft_objective_counts_each_example_by_its_margin() {
             assert!((soft - exact).abs() < 0.5, "{task}: soft {soft} against exact {exact}");
         }
         // The regret is the soft loss, with the NLL's small term.
-        let nll = (s.nll_merged - s.nll_own) / (s.nll_base - s.nll_own);
+        let nll = d2c_gguf::objective::nll_regret(s.nll_merged, s.nll_own, s.nll_base);
         let expected = (s.soft_own - s.soft_merged) / s.soft_own + 0.05 * nll;
         assert!((s.regret - expected).abs() < 1e-9, "{task}: regret {} against {expected}", s.regret);
         // One adapter for two tasks moves every margin: the soft share sees it.
