@@ -157,7 +157,8 @@ enum Command {
         /// CPU threads for llama.cpp (default: every core).
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
         threads: Option<i32>,
-        /// Tokens per llama.cpp decode call.
+        /// Tokens per llama.cpp decode call (below 8 acts as 8: narrower decodes would take
+        /// other kernels and score other bits). Scores do not depend on it.
         #[arg(long, default_value_t = d2c_gguf::score::ScoreOptions::default().n_batch, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
         /// Also score what should follow each completion: none, newline or eog (end-of-turn token).

@@ -132,6 +132,40 @@ fn batched_scoring_equals_one_sample_at_a_time() {
     }
 }
 
+#[test]
+fn decodes_of_a_few_tokens_give_the_same_bits_as_large_ones() {
+    // llama.cpp's matrix kernels (tinyBLAS) refuse a product whose batch side is narrow (below 2
+    // tokens everywhere, 4 with NEON's f32 kernel, 8 with its f16 one) and ggml's row-by-row dot
+    // products sum in another order. A short sample decoded alone, or a long one whose last chunk
+    // is a token or two, would then score other bits than the same sample packed with others.
+    let dir = common::tempdir();
+    let adapter = write_adapter(dir.path(), "a.gguf", 0.03, 3);
+    let set = vec![s("The opposite of hot is", " cold"), s("2, 4, 6, 8,", " 10, 12, 14"), s("Hello wor", "ld, how are you today?")];
+    let score = |n_batch: u32, samples: &[Sample]| {
+        let mut scorer = Scorer::new(&common::base_model(), opts(n_batch)).unwrap();
+        let a = scorer.add_adapter(&adapter).unwrap();
+        scorer.score(&[ScoreJob::base(samples), ScoreJob::with_adapter(a, samples)]).unwrap()
+    };
+    let packed = score(256, &set);
+    for n_batch in 1..=9 {
+        for (i, sample) in set.iter().enumerate() {
+            let alone = score(n_batch, std::slice::from_ref(sample));
+            for (which, name) in [(0, "base"), (1, "adapter")] {
+                let (x, y) = (alone[which].per_sample[0], packed[which].per_sample[i]);
+                assert_eq!(
+                    (x.nll.to_bits(), x.margin.to_bits(), x.exact),
+                    (y.nll.to_bits(), y.margin.to_bits(), y.exact),
+                    "sample {i}, {name}, alone at n_batch {n_batch} against packed at 256: nll {} vs {}, margin {} vs {}",
+                    x.nll,
+                    y.nll,
+                    x.margin,
+                    y.margin
+                );
+            }
+        }
+    }
+}
+
 /// Decodes `tokens` as one sequence and returns the logits after its last token.
 fn last_logits(model: &Model, adapter: Option<(d2c_gguf::llama::AdapterId, f32)>, tokens: &[d2c_gguf::llama::Token]) -> Vec<f32> {
     let mut session = model.session(256, 256, 1, Some(THREADS)).unwrap();

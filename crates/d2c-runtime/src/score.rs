@@ -28,8 +28,9 @@
 //!
 //! How it stays exact whatever the batching: besides plain attention (above), every packed
 //! sample starts at a KV cell aligned to the SIMD width of llama.cpp's attention kernel, padded
-//! with a few filler tokens after the previous sample (see [`kv_align`]); a sample then gets
-//! bit for bit the logits it gets when decoded alone.
+//! with a few filler tokens after the previous sample (see [`kv_align`]), and every decode
+//! carries at least [`MIN_DECODE_TOKENS`] tokens (filler after the last sample where it is
+//! shorter); a sample then gets bit for bit the logits it gets when decoded alone, on every CPU.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -66,7 +67,8 @@ d2c_format::value_names!(CompletionEnd, "completion end");
 pub struct ScoreOptions {
     /// CPU threads for llama.cpp; `None` uses every available core.
     pub threads: Option<i32>,
-    /// Tokens per `llama_decode` call (also the KV cache size for packed samples).
+    /// Tokens per `llama_decode` call (also the KV cache size for packed samples); at least
+    /// [`MIN_DECODE_TOKENS`] are used.
     pub n_batch: u32,
     /// The longest sample (prompt + completion, in tokens) accepted; `None` is the model's
     /// training context.
@@ -322,13 +324,14 @@ impl Scorer {
                 groups[g].sets.push(set);
             }
         }
-        let n_batch = self.opts.n_batch as usize;
+        let n_batch = (self.opts.n_batch as usize).max(MIN_DECODE_TOKENS);
         let align = kv_align();
         for g in &mut groups {
             g.plan = plan_decodes(&sets, &g.sets, n_batch, align);
         }
         let n_seq = groups.iter().flat_map(|g| &g.plan).map(|d| d.pieces.len()).max().unwrap_or(1) as u32;
-        let longest = sets.iter().flatten().map(|s| s.tokens.len()).max().unwrap_or(1);
+        // KV cells a decode reaches: the last chunk of a long sample, widened, can pass its length.
+        let cells = groups.iter().flat_map(|g| &g.plan).flat_map(|d| &d.pieces).map(|p| p.end + p.pad).max().unwrap_or(1);
         let total_tokens: u64 = groups.iter().flat_map(|g| &g.sets).flat_map(|&s| &sets[s]).map(|s| s.tokens.len() as u64).sum();
 
         let progress = if self.opts.progress {
@@ -342,7 +345,7 @@ impl Scorer {
         };
 
         let cfg = llama::SessionConfig {
-            n_ctx: longest.max(n_batch) as u32,
+            n_ctx: cells.max(n_batch) as u32,
             n_batch: n_batch as u32,
             n_seq,
             threads: self.opts.threads,
@@ -472,6 +475,14 @@ struct Decode {
     clear_after: bool,
 }
 
+/// Tokens every decode carries, filler included. llama.cpp's matrix kernels (tinyBLAS) take a
+/// product only when its batch side is wide enough (2 tokens on x86-64; on Arm 4 for f32 and 8
+/// for f16, which the attention's K and V are) and leave narrower ones to ggml's row-by-row dot
+/// products, which sum in another order: a sample decoded alone, or the last chunk of a long
+/// one, would score other bits than the same sample packed with others (on aarch64, up to 0.2
+/// nats on one example). A smaller `n_batch` is raised to this.
+pub const MIN_DECODE_TOKENS: usize = 8;
+
 /// Every packed sequence starts at a KV cell that is a multiple of this. llama.cpp multiplies the
 /// attention probabilities by V with a SIMD kernel (tinyBLAS) whose lanes follow the KV cell
 /// index, so a sequence at another offset sums in another order; the Q8 quantisation of
@@ -531,11 +542,19 @@ fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_
         }
     }
     for (_, mut pieces) in open {
-        // Nothing follows the last sequence of a batch: it needs no padding.
+        // Nothing follows the last sequence of a batch: it needs no alignment padding.
         if let Some(last) = pieces.last_mut() {
             last.pad = 0;
         }
         plan.push(Decode { pieces, clear_after: true });
+    }
+    // Filler after the last sample widens a narrow decode (see [`MIN_DECODE_TOKENS`]); only a
+    // decode that clears the KV cache after it, so no later chunk sees the filler.
+    for d in plan.iter_mut().filter(|d| d.clear_after) {
+        let tokens: usize = d.pieces.iter().map(|p| p.end - p.start + p.pad).sum();
+        if let Some(last) = d.pieces.last_mut() {
+            last.pad += MIN_DECODE_TOKENS.saturating_sub(tokens);
+        }
     }
     plan
 }
