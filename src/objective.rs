@@ -6,7 +6,10 @@
 //! own adapter's count, with the normalised NLL as a small tie-breaking term. `soft` counts
 //! each example by how surely it is reproduced (its margin, [`soft_verdict`]) instead of 0 or 1,
 //! so that two candidates that reproduce the same examples are still told apart by how close
-//! those examples came to flipping, and one example flipping by a hair weighs little. `nll` is the
+//! those examples came to flipping, and one example flipping by a hair weighs little.
+//! `exact-margin` keeps exact's count and breaks its ties by the same soft share instead of the
+//! NLL: among candidates that reproduce the same examples, the one that reproduces them more
+//! surely (and misses the others more narrowly) wins. `nll` is the
 //! normalised NLL alone, `(nll - nll_own) / (nll_base - nll_own)`: smooth, but it misranked
 //! partitions on the quality benchmark (docs/results.md), chiefly by blowing up the noise of
 //! tasks whose own adapter is barely better than the base in NLL.
@@ -15,6 +18,11 @@
 /// or lost (0.1 for a task whose own adapter reproduces all ten) outweighs a candidate that is
 /// as bad as the base model in NLL, so NLL only orders candidates that reproduce the same.
 pub const NLL_TIE_WEIGHT: f64 = 0.05;
+
+/// Weight of the soft share's change next to the exact-match loss under `exact-margin`, in the
+/// same unit (divided by the own adapter's exact share): the soft share moves by at most 1, so
+/// the tie term stays under one example of ten (0.1), and only orders equal counts.
+pub const MARGIN_TIE_WEIGHT: f64 = 0.05;
 
 /// Logits of margin over which the soft verdict goes from 0.27 to 0.73 ([`soft_verdict`]).
 pub const SOFT_MARGIN_SCALE: f64 = 1.0;
@@ -44,6 +52,9 @@ pub enum ExampleObjective {
     /// Soft exact-match loss (each example counted by its margin) relative to the own
     /// adapter, NLL to break ties.
     Soft,
+    /// Exact-match loss relative to the own adapter, the soft share (each example's margin) to
+    /// break ties instead of the NLL.
+    ExactMargin,
     /// Normalised NLL regret.
     Nll,
 }
@@ -62,6 +73,12 @@ impl ExampleObjective {
                 "mean over tasks of (soft_own - soft_merged) / soft_own + {NLL_TIE_WEIGHT} * (nll_merged - nll_own) / (nll_base - nll_own) \
                  on the examples (soft: mean over examples of 1 / (1 + exp(-margin / {SOFT_MARGIN_SCALE})), margin: the smallest logit lead of the \
                  reproduced token over the best other along the completion and its stop, negative where greedy decoding misses)"
+            ),
+            ExampleObjective::ExactMargin => format!(
+                "mean over tasks of ((exact_own - exact_merged) + {MARGIN_TIE_WEIGHT} * (soft_own - soft_merged)) / exact_own on the examples \
+                 (exact: share reproduced by greedy decoding; soft: mean over examples of 1 / (1 + exp(-margin / {SOFT_MARGIN_SCALE})), margin: \
+                 the smallest logit lead of the reproduced token over the best other along the completion and its stop; a task its own adapter \
+                 reproduces none of counts its normalised nll regret (nll_merged - nll_own) / (nll_base - nll_own) alone)"
             ),
             ExampleObjective::Nll => "mean over tasks of (nll_merged - nll_own) / (nll_base - nll_own) on the examples".to_string(),
         }
@@ -101,6 +118,8 @@ impl Baselines {
             // soft share would be a small, noisy denominator).
             ExampleObjective::Soft if own.exact > 0.0 => (own.soft - s.soft) / own.soft + NLL_TIE_WEIGHT * nll,
             ExampleObjective::Soft => nll,
+            ExampleObjective::ExactMargin if own.exact > 0.0 => ((own.exact - s.exact) + MARGIN_TIE_WEIGHT * (own.soft - s.soft)) / own.exact,
+            ExampleObjective::ExactMargin => nll,
         }
     }
 }
@@ -165,5 +184,26 @@ mod tests {
         let e = judge(ExampleObjective::Exact);
         assert_eq!(e.regret(0, score(&clear)), e.regret(0, score(&one_near_edge)));
         assert_eq!(e.regret(0, score(&one_lost_by_a_hair)), e.regret(0, score(&one_lost_clearly)));
+    }
+
+    #[test]
+    fn exact_margin_counts_like_exact_and_breaks_ties_by_the_margins() {
+        let j = judge(ExampleObjective::ExactMargin);
+        assert!(j.regret(0, j.own[0]).abs() < 1e-12);
+        // One example fewer reproduced, however sure the rest, is worse than the same count
+        // with every example near its edge.
+        let one_fewer = TaskScore { nll: 0.1, exact: 0.7, soft: 0.7 };
+        let same_count_unsure = TaskScore { nll: 0.1, exact: 0.8, soft: 0.45 };
+        assert!(j.regret(0, one_fewer) > j.regret(0, same_count_unsure));
+        // Even the widest swing of the soft share stays under one example's weight.
+        let worst_tie = TaskScore { nll: 0.1, exact: 0.8, soft: 0.0 };
+        let best_fewer = TaskScore { nll: 0.1, exact: 0.7, soft: 1.0 };
+        assert!(j.regret(0, worst_tie) < j.regret(0, best_fewer));
+        // At the same count the surer candidate wins, whatever the NLL says.
+        let sure_bad_nll = TaskScore { nll: 1.2, exact: 0.8, soft: 0.75 };
+        let unsure_good_nll = TaskScore { nll: 0.1, exact: 0.8, soft: 0.6 };
+        assert!(j.regret(0, sure_bad_nll) < j.regret(0, unsure_good_nll));
+        // A task its own adapter never reproduces is judged by NLL alone.
+        assert_eq!(j.regret(1, TaskScore { nll: 0.85, exact: 0.0, soft: 0.3 }), nll_regret(0.85, 0.5, 1.2));
     }
 }

@@ -61,8 +61,9 @@ D2C_REVISION = 7
 # cross-fitted judge (merge --judge cross-fit) instead of in sample.
 TUNING_REVISION = 2
 TUNED_STRATEGIES = ("random", "kmeans", "single")
-# "d2c-soft" is d2c with `--objective soft` (each example counted by its margin).
-D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft")
+# "d2c-soft" is d2c with `--objective soft` (each example counted by its margin), "d2c-margin"
+# with `--objective exact-margin` (exact match, the margins breaking its ties).
+D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin")
 
 
 def sh(args: list[str]) -> str:
@@ -243,6 +244,8 @@ def run(args: argparse.Namespace) -> None:
                 extra = ["--judge", "in-sample"]
             if strategy == "d2c-soft":
                 extra = ["--objective", "soft"]
+            if strategy == "d2c-margin":
+                extra = ["--objective", "exact-margin"]
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
@@ -376,7 +379,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
