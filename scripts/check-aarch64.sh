@@ -4,7 +4,8 @@
 #   inspect, validate            same output as x86-64
 #   score                        each file's mean NLL within NLL_TOLERANCE of x86-64's; batch
 #                                256 and batch 9 (long samples in chunks, narrow last chunks)
-#                                agree bit for bit, NLL, margin and verdict of every example
+#                                give every example the same verdict, and NLL and margin within
+#                                BATCH_TOLERANCE (tests/score.rs's bound for batching)
 #   eval (one task)              the same answers, or the differing ones listed
 #   merge of two adapters        --no-tune, its manifest read back by the x86-64 build
 #   d2c-serve + llama-server     both aarch64, one request routed to its task's adapter
@@ -22,12 +23,15 @@ REPO="$PWD"
 ROOT="${D2C_AARCH64_ROOT:-/var/tmp/d2c-aarch64-root}"
 DIST="${D2C_AARCH64_DIST:-$REPO/target/aarch64-dist}"
 CPU="${QEMU_CPU:-cortex-a76}"
-# Each file's mean NLL (nats/token) may differ by this much between the two builds: ggml's NEON
-# and AVX kernels sum the same dot products in other orders (as between two x86-64 kernel
-# sets, docs/builds.md: up to 0.016). Single examples move more; the largest is reported.
-# Measured here: 0.042 (Cortex-A76's armv8.2 kernels against Zen 4's); the same order as
-# what batching alone moves them on aarch64 (below).
-NLL_TOLERANCE="${NLL_TOLERANCE:-0.05}"
+# Each file's mean NLL (nats/token) may differ by this much between the two builds. ggml's NEON
+# and AVX kernels sum the same dot products in other orders (as between two x86-64 kernel sets,
+# docs/builds.md: up to 0.016), and from Armv8.2 on (fp16 arithmetic: a Pi 5, a Jetson Orin)
+# the attention's products accumulate in fp16 where x86-64 accumulates in f32: measured, the
+# Cortex-A76's armv8.2 kernels score 0.049-0.059 above Zen 4's on every file, the Cortex-A72's
+# armv8.0 ones (f32) within 0.026. Single examples move more; the largest is reported.
+NLL_TOLERANCE="${NLL_TOLERANCE:-0.075}"
+# The same build at two batch sizes (per example, nats or logits).
+BATCH_TOLERANCE="${BATCH_TOLERANCE:-1e-4}"
 ONLY=inspect,score,eval,merge,serve
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -99,26 +103,31 @@ D2C_LLAMA_LOG=1 timed score-arm arm score --base /srv/d2c/base.gguf "${score_arg
 echo "   aarch64: $(grep -o 'loaded CPU backend from [^ ]*' "$WORK/score-arm.err" | head -1)" >&2
 timed score-arm-batch9 arm score --base /srv/d2c/base.gguf "${score_args[@]//SET//srv/d2c/set}" --batch 9
 timed score-x86 "$X86" score --base "$S/base.gguf" "${score_args[@]//SET/$S/set}"
-python3 - "$WORK" "$NLL_TOLERANCE" <<'PY'
+python3 - "$WORK" "$NLL_TOLERANCE" "$BATCH_TOLERANCE" <<'PY'
 import json, sys
-w, tol = sys.argv[1], float(sys.argv[2])
+w, tol, batch_tol = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 def per_sample(label):
     r = json.load(open(f"{w}/{label}"))["results"]
     return [(x["mean_nll"], [s["nll"] for s in x["per_sample"]], [(s["margin"], s["exact"]) for s in x["per_sample"]]) for x in r]
 arm, arm9, x86 = per_sample("score-arm"), per_sample("score-arm-batch9"), per_sample("score-x86")
 same = all(a[1] == b[1] and a[2] == b[2] for a, b in zip(arm, arm9))
+verdicts = all(x[1] == y[1] for a, b in zip(arm, arm9) for x, y in zip(a[2], b[2]))
 batch_file = max(abs(a[0] - b[0]) for a, b in zip(arm, arm9))
 batch_example = max(abs(x - y) for a, b in zip(arm, arm9) for x, y in zip(a[1], b[1]))
+batch_margin = max(abs(x[0] - y[0]) for a, b in zip(arm, arm9) for x, y in zip(a[2], b[2]))
 file_diff = max(abs(a[0] - b[0]) for a, b in zip(arm, x86))
 example_diff = max(abs(x - y) for a, b in zip(arm, x86) for x, y in zip(a[1], b[1]))
 n = sum(len(a[1]) for a in arm)
 print(f"   score, {n} examples: against x86-64 the largest difference of a file's mean NLL is {file_diff:.4f} "
       f"nats/token (tolerance {tol}), of one example's {example_diff:.4f}", file=sys.stderr)
-# The scorer's packing gives every batch size the same bits (tests/score.rs on x86-64): score
-# caches and D2C's decisions must not depend on how the samples were packed.
+# Score caches and D2C's decisions must not depend on how the samples were packed: on x86-64
+# every batch size gives the same bits (tests/score.rs); on the Arm fp16 kernels the last bits
+# still move (docs/builds.md), so the bound is tests/score.rs's for batching.
+batch_ok = verdicts and batch_example <= batch_tol and batch_margin <= batch_tol
 print(f"   score on aarch64, batch 256 against batch 9: " + ("bit-identical (NLL, margin, verdict)" if same else
-      f"NOT bit-identical: a file's mean NLL moves by up to {batch_file:.4f}, one example's by {batch_example:.4f}"), file=sys.stderr)
-sys.exit(0 if file_diff <= tol and same else 1)
+      f"{'same verdicts' if verdicts else 'OTHER VERDICTS'}; a file's mean NLL moves by up to {batch_file:.1e}, one example's "
+      f"by {batch_example:.1e}, a margin by {batch_margin:.1e} (tolerance {batch_tol})"), file=sys.stderr)
+sys.exit(0 if file_diff <= tol and batch_ok else 1)
 PY
 fi
 
