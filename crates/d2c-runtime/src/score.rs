@@ -28,9 +28,10 @@
 //!
 //! How it stays exact whatever the batching: besides plain attention (above), every packed
 //! sample starts at a KV cell aligned to the SIMD width of llama.cpp's attention kernel, padded
-//! with a few filler tokens after the previous sample (see [`kv_align`]), and every decode
-//! carries at least [`MIN_DECODE_TOKENS`] tokens (filler after the last sample where it is
-//! shorter); a sample then gets bit for bit the logits it gets when decoded alone, on every CPU.
+//! with a few filler tokens after the previous sample (see [`kv_align`]), and every decode has
+//! a shape the matrix kernels treat alike (see [`MIN_DECODE_TOKENS`]): at least 8 tokens, a
+//! multiple of 4 of them, and a multiple of 4 rows of logits; a sample then gets bit for bit
+//! the logits it gets when decoded alone.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -67,8 +68,8 @@ d2c_format::value_names!(CompletionEnd, "completion end");
 pub struct ScoreOptions {
     /// CPU threads for llama.cpp; `None` uses every available core.
     pub threads: Option<i32>,
-    /// Tokens per `llama_decode` call (also the KV cache size for packed samples); at least
-    /// [`MIN_DECODE_TOKENS`] are used.
+    /// Tokens per `llama_decode` call (also the KV cache size for packed samples); raised to at
+    /// least [`MIN_DECODE_TOKENS`] and to a multiple of [`DECODE_ROWS_MULTIPLE`].
     pub n_batch: u32,
     /// The longest sample (prompt + completion, in tokens) accepted; `None` is the model's
     /// training context.
@@ -324,7 +325,7 @@ impl Scorer {
                 groups[g].sets.push(set);
             }
         }
-        let n_batch = (self.opts.n_batch as usize).max(MIN_DECODE_TOKENS);
+        let n_batch = (self.opts.n_batch as usize).max(MIN_DECODE_TOKENS).next_multiple_of(DECODE_ROWS_MULTIPLE);
         let align = kv_align();
         for g in &mut groups {
             g.plan = plan_decodes(&sets, &g.sets, n_batch, align);
@@ -483,6 +484,14 @@ struct Decode {
 /// nats on one example). A smaller `n_batch` is raised to this.
 pub const MIN_DECODE_TOKENS: usize = 8;
 
+/// Every decode's tokens, and the rows of logits it asks for, are a multiple of this. ggml
+/// repacks some weight types for the CPU it runs on (Q4_0 on x86-64 and Arm, Q8_0 on Arm: a Q8_0
+/// output matrix, as in SmolLM2's Q4_1 files) and multiplies them four activation rows at a time,
+/// the rows left over one by one, in another order: a row's bits would depend on whether it fell
+/// in the remainder (on aarch64, 2e-6 nats on one example). Filler tokens, and logits asked of
+/// tokens that need none, fill the last group.
+pub const DECODE_ROWS_MULTIPLE: usize = 4;
+
 /// Every packed sequence starts at a KV cell that is a multiple of this. llama.cpp multiplies the
 /// attention probabilities by V with a SIMD kernel (tinyBLAS) whose lanes follow the KV cell
 /// index, so a sequence at another offset sums in another order; the Q8 quantisation of
@@ -548,12 +557,13 @@ fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_
         }
         plan.push(Decode { pieces, clear_after: true });
     }
-    // Filler after the last sample widens a narrow decode (see [`MIN_DECODE_TOKENS`]); only a
-    // decode that clears the KV cache after it, so no later chunk sees the filler.
+    // Filler after the last sample gives a decode its shape (see [`MIN_DECODE_TOKENS`],
+    // [`DECODE_ROWS_MULTIPLE`]); only a decode that clears the KV cache after it, so no later
+    // chunk sees the filler (the others are n_batch tokens, already that shape).
     for d in plan.iter_mut().filter(|d| d.clear_after) {
         let tokens: usize = d.pieces.iter().map(|p| p.end - p.start + p.pad).sum();
         if let Some(last) = d.pieces.last_mut() {
-            last.pad += MIN_DECODE_TOKENS.saturating_sub(tokens);
+            last.pad += tokens.max(MIN_DECODE_TOKENS).next_multiple_of(DECODE_ROWS_MULTIPLE) - tokens;
         }
     }
     plan
@@ -573,25 +583,41 @@ fn run_decode(
     let add = |batch: &mut Batch, token: Token, pos: usize, seq: usize, logits: bool| {
         batch.add(token, pos as i32, &[seq as i32], logits).map_err(|e| Error::Llama(format!("batch: {e}")))
     };
-    // (batch index, (set, sample), target token; None for the row after the last token)
-    let mut outputs: Vec<(i32, (usize, usize), Option<usize>)> = Vec::new();
+    // Every token in batch order: (token, position, sequence, what its row of logits is for:
+    // (set, sample) and the target token, None for the row after the last token).
+    type Wants = Option<((usize, usize), Option<usize>)>;
+    let mut planned: Vec<(Token, usize, usize, Wants)> = Vec::new();
     for (seq, p) in decode.pieces.iter().enumerate() {
         let s = &sets[p.set][p.sample];
         for pos in p.start..p.end {
             let predicts_scored = pos + 1 >= s.first_scored && pos + 1 < s.tokens.len();
             let predicts_stop = ends_line.is_some() && pos + 1 == s.tokens.len();
-            if predicts_scored {
-                outputs.push((batch.n_tokens(), (p.set, p.sample), Some(s.tokens[pos + 1].0 as usize)));
+            let wants = if predicts_scored {
+                Some(((p.set, p.sample), Some(s.tokens[pos + 1].0 as usize)))
             } else if predicts_stop {
-                outputs.push((batch.n_tokens(), (p.set, p.sample), None));
-            }
-            add(batch, s.tokens[pos], pos, seq, predicts_scored || predicts_stop)?;
+                Some(((p.set, p.sample), None))
+            } else {
+                None
+            };
+            planned.push((s.tokens[pos], pos, seq, wants));
         }
         let filler = s.tokens[p.end - 1];
-        for pos in p.end..p.end + p.pad {
-            add(batch, filler, pos, seq, false)?;
-        }
+        planned.extend((p.end..p.end + p.pad).map(|pos| (filler, pos, seq, None)));
     }
+    // Rows asked of tokens that need none complete the last group of DECODE_ROWS_MULTIPLE.
+    let wanted = planned.iter().filter(|t| t.3.is_some()).count();
+    let mut spare_rows = wanted.next_multiple_of(DECODE_ROWS_MULTIPLE) - wanted;
+    // (batch index, (set, sample), target token; None for the row after the last token)
+    let mut outputs: Vec<(i32, (usize, usize), Option<usize>)> = Vec::with_capacity(wanted);
+    for (token, pos, seq, wants) in planned {
+        let spare = wants.is_none() && spare_rows > 0;
+        spare_rows -= usize::from(spare);
+        if let Some((sample, target)) = wants {
+            outputs.push((batch.n_tokens(), sample, target));
+        }
+        add(batch, token, pos, seq, wants.is_some() || spare)?;
+    }
+    debug_assert_eq!(spare_rows, 0, "a decode's tokens are a multiple of DECODE_ROWS_MULTIPLE");
     session.decode(batch)?;
     let logits: Vec<&[f32]> = outputs.iter().map(|o| session.logits_ith(o.0)).collect();
     Ok(outputs
