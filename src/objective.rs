@@ -110,16 +110,16 @@ impl Baselines {
     pub fn regret(&self, task: usize, s: TaskScore) -> f64 {
         let (own, base) = (self.own[task], self.base[task]);
         let nll = nll_regret(s.nll, own.nll, base.nll);
+        // A task its own adapter reproduces none of is judged by NLL under every objective: it has
+        // no exact share to lose, and its soft share would be a small, noisy denominator.
+        if own.exact <= 0.0 {
+            return nll;
+        }
         match self.objective {
             ExampleObjective::Nll => nll,
-            ExampleObjective::Exact if own.exact > 0.0 => (own.exact - s.exact) / own.exact + NLL_TIE_WEIGHT * nll,
-            ExampleObjective::Exact => nll,
-            // As for `exact`, a task its own adapter reproduces none of is judged by NLL (its
-            // soft share would be a small, noisy denominator).
-            ExampleObjective::Soft if own.exact > 0.0 => (own.soft - s.soft) / own.soft + NLL_TIE_WEIGHT * nll,
-            ExampleObjective::Soft => nll,
-            ExampleObjective::ExactMargin if own.exact > 0.0 => ((own.exact - s.exact) + MARGIN_TIE_WEIGHT * (own.soft - s.soft)) / own.exact,
-            ExampleObjective::ExactMargin => nll,
+            ExampleObjective::Exact => (own.exact - s.exact) / own.exact + NLL_TIE_WEIGHT * nll,
+            ExampleObjective::Soft => (own.soft - s.soft) / own.soft + NLL_TIE_WEIGHT * nll,
+            ExampleObjective::ExactMargin => ((own.exact - s.exact) + MARGIN_TIE_WEIGHT * (own.soft - s.soft)) / own.exact,
         }
     }
 }
