@@ -325,7 +325,7 @@ impl Scorer {
                 groups[g].sets.push(set);
             }
         }
-        let n_batch = (self.opts.n_batch as usize).max(MIN_DECODE_TOKENS).next_multiple_of(DECODE_ROWS_MULTIPLE);
+        let n_batch = decode_shape(self.opts.n_batch as usize);
         let align = kv_align();
         for g in &mut groups {
             g.plan = plan_decodes(&sets, &g.sets, n_batch, align);
@@ -492,6 +492,12 @@ pub const MIN_DECODE_TOKENS: usize = 8;
 /// tokens that need none, fill the last group.
 pub const DECODE_ROWS_MULTIPLE: usize = 4;
 
+/// The tokens a decode of `tokens` carries, filler included: at least [`MIN_DECODE_TOKENS`], a
+/// multiple of [`DECODE_ROWS_MULTIPLE`].
+fn decode_shape(tokens: usize) -> usize {
+    tokens.max(MIN_DECODE_TOKENS).next_multiple_of(DECODE_ROWS_MULTIPLE)
+}
+
 /// Every packed sequence starts at a KV cell that is a multiple of this. llama.cpp multiplies the
 /// attention probabilities by V with a SIMD kernel (tinyBLAS) whose lanes follow the KV cell
 /// index, so a sequence at another offset sums in another order; the Q8 quantisation of
@@ -550,20 +556,14 @@ fn plan_decodes(sets: &[Vec<SampleTokens>], which: &[usize], n_batch: usize, kv_
             None => open.push((len + pad, vec![piece])),
         }
     }
-    for (_, mut pieces) in open {
-        // Nothing follows the last sequence of a batch: it needs no alignment padding.
-        if let Some(last) = pieces.last_mut() {
-            last.pad = 0;
-        }
-        plan.push(Decode { pieces, clear_after: true });
-    }
-    // Filler after the last sample gives a decode its shape (see [`MIN_DECODE_TOKENS`],
-    // [`DECODE_ROWS_MULTIPLE`]); only a decode that clears the KV cache after it, so no later
-    // chunk sees the filler (the others are n_batch tokens, already that shape).
+    plan.extend(open.into_iter().map(|(_, pieces)| Decode { pieces, clear_after: true }));
+    // Nothing follows the last sample of a decode, so it needs no alignment; its filler gives the
+    // decode its shape ([`decode_shape`]) instead. Only a decode that clears the KV cache after
+    // it, so no later chunk sees the filler (the others are n_batch tokens, already that shape).
     for d in plan.iter_mut().filter(|d| d.clear_after) {
-        let tokens: usize = d.pieces.iter().map(|p| p.end - p.start + p.pad).sum();
-        if let Some(last) = d.pieces.last_mut() {
-            last.pad += tokens.max(MIN_DECODE_TOKENS).next_multiple_of(DECODE_ROWS_MULTIPLE) - tokens;
+        if let Some((last, rest)) = d.pieces.split_last_mut() {
+            let tokens = rest.iter().map(|p| p.end - p.start + p.pad).sum::<usize>() + last.end - last.start;
+            last.pad = decode_shape(tokens) - tokens;
         }
     }
     plan
