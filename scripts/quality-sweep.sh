@@ -20,22 +20,24 @@ PY="${D2C_QUALITY_VENV:-$CACHE/bench-venv}/bin/python"
 [ -s "$CACHE/quality/adapters/unit-m-cm.gguf" ] || scripts/quality-build.sh
 cargo build -q --release --bin d2c-gguf
 
-# Merge settings shared by every run (they are part of each result's key): 4 reassignment rounds
-# at most, and per cluster the best of svd/ties at 1x or 1.5x the average, chosen on the examples.
+# The first search's merge settings (part of each result's key), for every run but README's
+# table: 4 reassignment rounds at most, and per cluster the best of svd/ties at 1x or 1.5x the
+# average, chosen on the examples.
 SETTINGS=(--rounds 4 --tune-methods svd,ties --tune-scales 1,1.5)
 cd bench/quality
 sweep() { "$PY" sweep.py run "$@" "${SETTINGS[@]}"; }
 
 # Byte budgets first (issue 16): the allocator against the truncation baselines at the same bytes.
 sweep --strategies allocate,truncate-energy --fractions 2,4,8,16,32,64
+sweep --strategies truncate --fractions 2,4      # rank 1 is 0.133 of the bytes: nothing fits 1/8
 # README's count-mode table: the current search (regmean in the rounds and the tuning) against
 # three random seeds and k-means tuned the same way, at K = 4, N/4 and N/2 (about 50 min each).
+# (Called directly: sweep() appends the first search's settings, which would override these.)
 CURRENT=(--rounds 4 --method regmean --tune-methods svd,ties,regmean --tune-scales 1,1.5)
 for k in 4 n/4 n/2; do
   "$PY" sweep.py run --ks "$k" --strategies d2c,random,kmeans --random-seeds 3 "${CURRENT[@]}"
 done
 # The first search's rows (svd/ties merges), kept for the history in docs/results.md.
-sweep --strategies truncate --fractions 2,4      # rank 1 is 0.133 of the bytes: nothing fits 1/8
 sweep --ks n/4 --strategies d2c,kmeans,random --random-seeds 3   # K = N/4 = 9: the target budget
 sweep --ks 1 --strategies single                                 # one adapter for everything
 sweep --ks n/4 --strategies d2c --byte-budget 1                  # byte budget at d2c's bytes
