@@ -79,17 +79,40 @@ def evaluate(tests: Path, extra: list[str], threads: int) -> dict:
     return json.loads(out)
 
 
-def task_set(families: str | None) -> tuple[str, list[str], Path]:
+def task_set(families: str | None, extra_samples: int = 0, extra_seen: bool = True) -> tuple[str, list[str], Path]:
     """The tasks of the benchmark (or of some of its families) as a directory of links
-    `adapters/`, `samples/`, `test/`, and the set's name ("all" or the families joined)."""
+    `adapters/`, `samples/`, `test/`, and the set's name ("all" or the families joined).
+
+    With `extra_samples` N the last N tests of each task leave the tests (set "<name>-t<rest>"),
+    and where `extra_seen` they join the examples the merge sees ("<name>-t<rest>-x<N>"): the
+    same held-out tests with 10 or 10 + N examples, fresh inputs the adapters never trained on
+    (the train split holds every input of the small tasks), to measure what more evidence buys."""
     info = json.loads((TASKS / "tasks.json").read_text())["tasks"]
     chosen = sorted(families.split(",")) if families else None
     tasks = [t for t in task_names() if chosen is None or info[t]["family"] in chosen]
     if not tasks:
         sys.exit(f"sweep: no task in families {families}")
     name = "all" if chosen is None else "+".join(chosen)
+    if extra_samples:
+        short = [t for t in tasks if info[t]["test"] <= extra_samples]
+        if short:
+            sys.exit(f"sweep: --extra-samples {extra_samples} would leave no tests for {short}")
+        tests_left = {t: info[t]["test"] - extra_samples for t in tasks}
+        name += f"-t{min(tests_left.values())}" + (f"-x{extra_samples}" if extra_seen else "")
     root = SWEEP / "sets" / name
+    if extra_samples:
+        for t in tasks:
+            test = read_jsonl(TASKS / "test" / f"{t}.jsonl")
+            kept, moved = test[: tests_left[t]], test[tests_left[t]:]
+            samples = read_jsonl(TASKS / "samples" / f"{t}.jsonl") + (moved if extra_seen else [])
+            for sub, rows in (("test", kept), ("samples", samples)):
+                dest = root / sub / f"{t}.jsonl"
+                if not dest.is_file():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomic(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for sub, src, ext in (("adapters", ADAPTERS, "gguf"), ("samples", TASKS / "samples", "jsonl"), ("test", TASKS / "test", "jsonl")):
+        if extra_samples and sub != "adapters":
+            continue
         d = root / sub
         d.mkdir(parents=True, exist_ok=True)
         for t in tasks:
@@ -105,7 +128,7 @@ def task_set(families: str | None) -> tuple[str, list[str], Path]:
     for t in tasks:
         dest = nl / f"{t}.jsonl"
         if not dest.is_file():
-            rows = read_jsonl(TASKS / "samples" / f"{t}.jsonl")
+            rows = read_jsonl(root / "samples" / f"{t}.jsonl")
             write_atomic(dest, "".join(json.dumps({**r, "completion": r["completion"] + "\n"}) + "\n" for r in rows))
     return name, tasks, root
 
@@ -138,7 +161,7 @@ def parse_ks(spec: str, n: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> None:
-    set_name, tasks, root = task_set(args.families)
+    set_name, tasks, root = task_set(args.families, args.extra_samples, not args.extra_samples_unseen)
     n = len(tasks)
     missing = [t for t in tasks if not (ADAPTERS / f"{t}.gguf").is_file()]
     if missing:
@@ -277,8 +300,7 @@ def run(args: argparse.Namespace) -> None:
     # Issue 19: D2C on every task but one, then `add` of that one, against the full rerun (the
     # d2c row at the same K). Its own score cache, so that neither step reuses the full run's
     # scores: the times are what a user updating a deployed set would see.
-    if "d2c-add" in args.strategies.split(","):
-        held = args.add_task
+    def add_one(held: str) -> None:
         if held not in tasks:
             sys.exit(f"sweep: --add-task {held} is not a task of the set")
         rest = root.parent / f"{set_name}-without-{held}"
@@ -325,6 +347,9 @@ def run(args: argparse.Namespace) -> None:
                 }
 
             once(key, make_add)
+    if "d2c-add" in args.strategies.split(","):
+        for held in args.add_task.split(","):
+            add_one(held)
     log(f"sweep: {len(done)} results in {RESULTS}")
 
 
@@ -535,7 +560,7 @@ def main() -> None:
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
     r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
     r.add_argument("--random-seeds", type=int, default=3)
-    r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add`")
+    r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add` (comma-separated: one such run each)")
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--method", default="svd", help="merge --method: the operator the rounds merge with")
     r.add_argument("--tune-methods", default="svd,ties,dare")
@@ -545,6 +570,8 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--families", help="only the tasks of these families (comma-separated)")
     r.add_argument("--fractions", metavar="F,F", help="with --strategies truncate,truncate-energy,allocate: the byte budgets, as 1/F of the input adapters' bytes (e.g. 2,4,8,16,32)")
+    r.add_argument("--extra-samples", type=int, default=0, metavar="N", help="move the last N tests of each task into the examples the merge sees (a set of its own: fewer tests, 10 + N examples)")
+    r.add_argument("--extra-samples-unseen", action="store_true", help="with --extra-samples: drop those tests but keep the merge on the 10 examples (the same tests, to compare with)")
     r.add_argument("--byte-budget", metavar="MULTIPLIERS", help="also d2c with --budget-bytes set to the bytes of d2c at each K, with K times each multiplier clusters (e.g. 1,2)")
     rep = sub.add_parser("report")
     rep.add_argument("--families")
