@@ -108,11 +108,11 @@ def task_set(families: str | None, extra_samples: int = 0, extra_seen: bool = Tr
             for sub, rows in (("test", kept), ("samples", samples)):
                 dest = root / sub / f"{t}.jsonl"
                 if not dest.is_file():
-                    dest.parent.mkdir(parents=True, exist_ok=True)
                     write_atomic(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    for sub, src, ext in (("adapters", ADAPTERS, "gguf"), ("samples", TASKS / "samples", "jsonl"), ("test", TASKS / "test", "jsonl")):
-        if extra_samples and sub != "adapters":
-            continue
+    linked = [("adapters", ADAPTERS, "gguf")]
+    if not extra_samples:
+        linked += [("samples", TASKS / "samples", "jsonl"), ("test", TASKS / "test", "jsonl")]
+    for sub, src, ext in linked:
         d = root / sub
         d.mkdir(parents=True, exist_ok=True)
         for t in tasks:
