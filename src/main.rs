@@ -477,7 +477,7 @@ struct MergeArgs {
     #[arg(long, default_value_t = DEFAULTS.rounds)]
     rounds: usize,
     /// Starts d2c scores (each on its own clusters' tasks only) before refining the best: the
-    /// --init one, then k-medoids or seeded random partitions; 1 keeps the --init start alone.
+    /// --init one, then k-medoids, anticlusters or seeded random partitions; 1 keeps the --init start alone.
     #[arg(long, default_value_t = DEFAULTS.restarts as u64, value_parser = clap::value_parser!(u64).range(1..))]
     restarts: u64,
     /// How d2c picks the moves it judges each round: `scored` scores every task under every

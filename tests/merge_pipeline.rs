@@ -184,6 +184,27 @@ fn d2c_recovers_the_groups_from_a_bad_start() {
 }
 
 #[test]
+fn d2c_from_anticlusters_lets_kmeans_compete_where_alike_tasks_merge_well() {
+    // Here alike adapters are noisy copies of one skill, so the anticluster start (each
+    // prototype split) is the wrong one; k-medoids competes among the starts and the scored
+    // objective must prefer it, and the rounds keep the groups.
+    let dir = common::tempdir();
+    let out = dir.path().join("out");
+    let (code, stdout, stderr) = merge(&["--budget", "2", "--init", "anticluster"], &out);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let m = check_manifest(&out);
+    assert_eq!(m.settings["init"], "anticluster");
+    let starts = m.settings["starts"].as_array().expect("settings.starts");
+    assert_eq!((starts[0]["start"].as_str(), starts[1]["start"].as_str()), (Some("anticluster"), Some("kmeans")), "{starts:?}");
+    let objective = |i: usize| starts[i]["objective"].as_f64().unwrap();
+    let similarity = |i: usize| starts[i]["within_similarity"].as_f64().unwrap();
+    assert!(similarity(0) < similarity(1), "anticlusters gather the less alike: {starts:?}");
+    assert!(objective(1) < objective(0), "merging copies of one skill serves them better: {starts:?}");
+    assert!((m.rounds[0].objective - objective(1)).abs() < 1e-9, "the rounds start from k-medoids: {:?}", m.rounds[0]);
+    assert_eq!(groups_of(&m), true_groups(), "rounds: {:?}", m.rounds);
+}
+
+#[test]
 fn baselines_behave_as_defined() {
     let dir = common::tempdir();
     let single = dir.path().join("single");
@@ -201,6 +222,18 @@ fn baselines_behave_as_defined() {
     assert_eq!(m.rounds.len(), 1, "kmeans does not refine");
     // Noisy copies of one prototype are nearest neighbours in weight space.
     assert_eq!(groups_of(&m), true_groups());
+
+    // Anticlusters keep alike adapters apart: here each cluster holds one copy of each
+    // prototype, the opposite of k-means.
+    let anti = dir.path().join("anticluster");
+    let (code, o, e) = merge(&["--budget", "2", "--strategy", "anticluster", "--no-tune"], &anti);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = check_manifest(&anti);
+    assert_eq!(m.rounds.len(), 1, "anticluster does not refine");
+    for a in &m.adapters {
+        let prototypes: BTreeSet<&str> = a.tasks.iter().map(|t| &t[..2]).collect();
+        assert_eq!((a.tasks.len(), prototypes.len()), (PER_GROUP, GROUPS), "{:?}", m.adapters);
+    }
 
     let seed = bad_random_seed().to_string();
     let random = dir.path().join("random");

@@ -55,15 +55,18 @@ ALLOCATOR_REVISION = 2
 # changed its clusters (revision 5's order of the screen stopped at a higher objective).
 # 8 (measured, not kept: commit bfe7254) = a round whose page of the screen found nothing judged
 # the next page; its rows stay in results.jsonl under /d8, so the next revision is 9.
-D2C_REVISION = 7
+# 9 = D2C starts from weight-space anticlusters (merge's default --init anticluster); those
+# rows were measured as "d2c-anti" under revision 7, the same binary and flags.
+D2C_REVISION = 9
 # Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
 # the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the
 # cross-fitted judge (merge --judge cross-fit) instead of in sample.
 TUNING_REVISION = 2
-TUNED_STRATEGIES = ("random", "kmeans", "single")
+TUNED_STRATEGIES = ("random", "kmeans", "single", "anticluster")
 # "d2c-soft" is d2c with `--objective soft` (each example counted by its margin), "d2c-margin"
 # with `--objective exact-margin` (exact match, the margins breaking its ties).
-D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin")
+# "d2c-anti" starts from weight-space anticlusters (`--init anticluster`).
+D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin", "d2c-anti")
 
 
 def sh(args: list[str]) -> str:
@@ -215,8 +218,8 @@ def run(args: argparse.Namespace) -> None:
             if strategy == "single":
                 if k == 1:
                     configs.append(("single", 1, 0))
-            elif strategy == "random":
-                configs += [("random", k, s) for s in range(args.random_seeds)]
+            elif strategy in ("random", "anticluster"):
+                configs += [(strategy, k, s) for s in range(args.random_seeds)]
             elif strategy == "d2c-rinit":
                 configs += [("d2c-rinit", k, s) for s in range(args.random_seeds)] if k > 1 else []
             elif k > 1 or strategy == "kmeans":
@@ -269,6 +272,8 @@ def run(args: argparse.Namespace) -> None:
                 extra = ["--objective", "soft"]
             if strategy == "d2c-margin":
                 extra = ["--objective", "exact-margin"]
+            if strategy == "d2c-anti":
+                extra = ["--init", "anticluster"]
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
@@ -404,7 +409,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -500,7 +505,7 @@ def check_objective(args: argparse.Namespace) -> None:
     points = []
     for r in sorted(merged, key=lambda r: (r["k"], r["key"])):
         ev = examples_eval(r["key"], ["--manifest", merged_dir(r["key"]) / "manifest.json"])
-        label = r["strategy"] if r["strategy"] not in ("random", "d2c-rinit") else f"{r['strategy']} s{r['seed']}"
+        label = r["strategy"] if r["strategy"] not in ("random", "anticluster", "d2c-rinit") else f"{r['strategy']} s{r['seed']}"
         points.append((r["k"], label, r["objective"]["best"], normalised(ev, own_examples)[0], normalised(r["eval"], own["eval"])[0]))
 
     def spearman(x: list[float], y: list[float]) -> float:

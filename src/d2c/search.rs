@@ -1,4 +1,5 @@
-//! D2C's search for a partition: a start (weight-space k-medoids, or a seeded random one),
+//! D2C's search for a partition: a start (weight-space k-medoids or anticlusters, or a seeded
+//! random one),
 //! other starts (polished under the activation model) compared on their own clusters, then
 //! rounds of merge -> score -> move tasks, the moves picked by the activation model (or by
 //! scoring every task under every cluster) and each judged with the task inside. The best partition seen
@@ -62,6 +63,7 @@ pub(crate) fn search(
         (Strategy::Single, _) => vec![0; n],
         (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
         (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
+        (Strategy::Anticluster, _) | (Strategy::D2c, Init::Anticluster) => cluster::anticlusters(&similarity, k, opts.seed),
     };
 
     let t = Instant::now();
@@ -95,11 +97,17 @@ pub(crate) fn search(
         let mut options: Vec<(String, Assignment)> = vec![(opts.init.to_string(), cluster::canonical(&assign, k))];
         // The --init start polished under the activation model competes with it; the seeded
         // random starts stay as drawn (on the benchmark, polishing them made them worse).
+        // From anticlusters, the opposite start competes next: k-medoids, for adapters that
+        // look alike because they are one skill (which merge well) rather than one format
+        // with different rules (which do not); which of the two the tasks at hand are is for
+        // the scored objective to say. Then the next seeds' anticlusters (unpolished: each
+        // is already a local optimum of what it minimises).
         let mut pending: Vec<(String, Assignment)> = Vec::new();
-        if let Some(m) = model {
-            pending.push((format!("{}, polished by activations", opts.init), m.local_search(&assign, k)));
-        } else if opts.init == Init::Random {
-            pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed)));
+        match (model, opts.init) {
+            (_, Init::Anticluster) => pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))),
+            (Some(m), _) => pending.push((format!("{}, polished by activations", opts.init), m.local_search(&assign, k))),
+            (None, Init::Random) => pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))),
+            (None, Init::Kmeans) => {}
         }
         let mut seed = opts.seed;
         let mut tries = 0;
@@ -107,7 +115,10 @@ pub(crate) fn search(
             tries += 1;
             let (name, start) = pending.pop().unwrap_or_else(|| {
                 seed += 1;
-                (format!("random seed {seed}"), cluster::random_partition(n, k, seed))
+                match opts.init {
+                    Init::Anticluster => (format!("anticluster seed {seed}"), cluster::anticlusters(&similarity, k, seed)),
+                    _ => (format!("random seed {seed}"), cluster::random_partition(n, k, seed)),
+                }
             });
             let start = cluster::canonical(&start, k);
             if !options.iter().any(|(_, a)| *a == start) {
@@ -117,7 +128,7 @@ pub(crate) fn search(
         let mut best_start: Option<(f64, usize)> = None;
         for (si, (name, start)) in options.iter().enumerate() {
             let objective = own_clusters(ev, &mut predicted, start, None)?.iter().map(|(_, r)| r).sum::<f64>() / n as f64;
-            let mut entry = json!({"start": name, "objective": objective});
+            let mut entry = json!({"start": name, "objective": objective, "within_similarity": cluster::within_similarity(&similarity, start)});
             if let Some(m) = model {
                 entry["activation_error"] = json!(m.partition_error(start, k));
             }

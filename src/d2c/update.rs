@@ -471,11 +471,13 @@ fn settings(m: &Manifest, path: &Path, opts: &UpdateOptions, base: &Path) -> Res
     };
     let bad = |key: &str, e: String| Error::invalid(path, format!("settings.{key}"), e);
     let strategy: Strategy = parse("strategy")?.parse().map_err(|e| bad("strategy", e))?;
-    if !matches!(strategy, Strategy::D2c | Strategy::Kmeans | Strategy::Random | Strategy::Single) || !s["budget_bytes"].is_null() {
+    if !matches!(strategy, Strategy::D2c | Strategy::Kmeans | Strategy::Anticluster | Strategy::Random | Strategy::Single)
+        || !s["budget_bytes"].is_null()
+    {
         return Err(Error::invalid(
             path,
             "settings.strategy",
-            format!("`add` and `remove` update sets made under a count budget (--budget, strategy d2c, kmeans, random or single); this one was made with --strategy {strategy}{}, whose files a byte budget shaped: rerun `merge`", if s["budget_bytes"].is_null() { "" } else { " and --budget-bytes" }),
+            format!("`add` and `remove` update sets made under a count budget (--budget, strategy d2c, kmeans, anticluster, random or single); this one was made with --strategy {strategy}{}, whose files a byte budget shaped: rerun `merge`", if s["budget_bytes"].is_null() { "" } else { " and --budget-bytes" }),
         ));
     }
     let floats = |key: &str| -> Result<Vec<f32>> {

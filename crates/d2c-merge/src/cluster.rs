@@ -1,5 +1,6 @@
-//! Initial clusters from weight-space similarity (the "k-means" baseline of the paper), and the
-//! other starting points: seeded random partitions and a single cluster.
+//! Initial clusters from weight-space similarity (the "k-means" baseline of the paper, and its
+//! opposite, anticlusters), and the other starting points: seeded random partitions and a
+//! single cluster.
 //!
 //! Clusters are `Vec<usize>` task indices; an assignment maps task -> cluster. Every function
 //! here returns exactly `k` non-empty clusters (for 1 <= k <= n).
@@ -120,6 +121,64 @@ pub fn random_partition(n: usize, k: usize, seed: u64) -> Assignment {
     canonical(&assign, k)
 }
 
+/// Anticlusters: `k` clusters of near-equal size, each gathering adapters that look unlike
+/// one another. Adapters that look alike serve tasks that differ only in their rule (unit
+/// conversions, casings, month names in three languages), and those are the pairs a merge
+/// breaks (docs/results.md); a partition that keeps them apart is the natural start for the
+/// search. The exchange method of anticlustering (Papenberg & Klau, 2021): a seeded random
+/// balanced partition, then, task by task, the swap with a task of another cluster that most
+/// lowers the summed similarity of the pairs sharing a cluster, until no swap lowers it.
+/// Sizes never change, so every cluster stays non-empty; different seeds give different
+/// local optima.
+pub fn anticlusters(similarity: &[Vec<f64>], k: usize, seed: u64) -> Assignment {
+    let n = similarity.len();
+    let mut assign = random_partition(n, k, seed);
+    // pull[i][c]: summed similarity of task i to the members of cluster c (itself left out).
+    let mut pull = vec![vec![0f64; k]; n];
+    for (i, row) in pull.iter_mut().enumerate() {
+        for j in (0..n).filter(|&j| j != i) {
+            row[assign[j]] += similarity[i][j];
+        }
+    }
+    for _ in 0..100 {
+        let mut swapped = false;
+        for i in 0..n {
+            let a = assign[i];
+            // Swapping i (in a) with j (in b): i leaves a's pull for b's without j, j the other way.
+            let change = |j: usize| {
+                let b = assign[j];
+                (pull[i][b] - similarity[i][j]) + (pull[j][a] - similarity[i][j]) - pull[i][a] - pull[j][b]
+            };
+            let best = (0..n).filter(|&j| assign[j] != a).map(|j| (change(j), j)).min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            let Some((_, j)) = best.filter(|&(d, _)| d < -1e-12) else { continue };
+            let b = assign[j];
+            for (t, row) in pull.iter_mut().enumerate() {
+                if t != i {
+                    row[a] -= similarity[t][i];
+                    row[b] += similarity[t][i];
+                }
+                if t != j {
+                    row[b] -= similarity[t][j];
+                    row[a] += similarity[t][j];
+                }
+            }
+            assign.swap(i, j);
+            swapped = true;
+        }
+        if !swapped {
+            break;
+        }
+    }
+    canonical(&assign, k)
+}
+
+/// Summed similarity of the pairs of tasks that share a cluster: what [`anticlusters`]
+/// lowers (and k-medoids, in effect, raises).
+pub fn within_similarity(similarity: &[Vec<f64>], assign: &[usize]) -> f64 {
+    let n = assign.len();
+    (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))).filter(|&(i, j)| assign[i] == assign[j]).map(|(i, j)| similarity[i][j]).sum()
+}
+
 /// Moves tasks so that every one of `k` clusters is non-empty: while a cluster is empty, the
 /// worst-served task (highest `cost[task]`) of the largest cluster moves into it.
 pub fn fill_empty(assign: &mut [usize], k: usize, cost: &[f64]) {
@@ -184,6 +243,38 @@ mod tests {
         assert!(sizes.iter().all(|&s| s == 3 || s == 4), "{sizes:?}");
         assert_eq!(a, random_partition(10, 3, 7));
         assert_ne!(a, random_partition(10, 3, 8));
+    }
+
+    #[test]
+    fn anticlusters_keep_alike_adapters_apart() {
+        // Three families of three: the only partition into 3 clusters with no two of a family
+        // together puts one of each family in every cluster.
+        let groups = [0, 0, 0, 1, 1, 1, 2, 2, 2];
+        let sim = block_similarity(&groups);
+        for seed in 0..10 {
+            let a = anticlusters(&sim, 3, seed);
+            for i in 0..groups.len() {
+                for j in i + 1..groups.len() {
+                    assert!(!(a[i] == a[j] && groups[i] == groups[j]), "seed {seed}: {a:?}");
+                }
+            }
+            assert!((within_similarity(&sim, &a) - 9.0 * 0.05).abs() < 1e-9, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn anticlusters_are_balanced_seeded_and_no_worse_than_their_random_start() {
+        // Similarities with no block structure: the exchange only lowers the sum.
+        let n = 13;
+        let sim: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| if i == j { 1.0 } else { ((i * j + i + j) % 7) as f64 / 10.0 }).collect()).collect();
+        for (k, seed) in [(2, 1), (4, 3), (6, 5), (13, 0), (1, 2)] {
+            let a = anticlusters(&sim, k, seed);
+            let sizes: Vec<usize> = clusters_of(&a, k).iter().map(Vec::len).collect();
+            assert_eq!(sizes.len(), k);
+            assert!(sizes.iter().all(|&s| s == n / k || s == n.div_ceil(k)), "{sizes:?}");
+            assert!(within_similarity(&sim, &a) <= within_similarity(&sim, &random_partition(n, k, seed)) + 1e-12);
+            assert_eq!(a, anticlusters(&sim, k, seed));
+        }
     }
 
     #[test]
