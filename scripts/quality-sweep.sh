@@ -30,12 +30,13 @@ sweep() { "$PY" sweep.py run "$@" "${SETTINGS[@]}"; }
 # Byte budgets first (issue 16): the allocator against the truncation baselines at the same bytes.
 sweep --strategies allocate,truncate-energy --fractions 2,4,8,16,32,64
 sweep --strategies truncate --fractions 2,4      # rank 1 is 0.133 of the bytes: nothing fits 1/8
-# README's count-mode table: the current search (regmean in the rounds and the tuning) against
-# three random seeds and k-means tuned the same way, at K = 4, N/4 and N/2 (about 50 min each).
+# README's count-mode table: the current search (regmean in the rounds and the tuning, from
+# anticlusters) against three random seeds, k-means and anticlusters tuned the same way, and
+# the search from k-medoids (revision 7's starts), at K = 4, N/4 and N/2 (about 80 min each).
 # (Called directly: sweep() appends the first search's settings, which would override these.)
 CURRENT=(--rounds 4 --method regmean --tune-methods svd,ties,regmean --tune-scales 1,1.5)
 for k in 4 n/4 n/2; do
-  "$PY" sweep.py run --ks "$k" --strategies d2c,random,kmeans --random-seeds 3 "${CURRENT[@]}"
+  "$PY" sweep.py run --ks "$k" --strategies d2c,random,kmeans,anticluster,d2c-kinit --random-seeds 3 "${CURRENT[@]}"
 done
 # The first search's rows (svd/ties merges), kept for the history in docs/results.md.
 sweep --ks n/4 --strategies d2c,kmeans,random --random-seeds 3   # K = N/4 = 9: the target budget

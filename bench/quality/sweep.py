@@ -65,8 +65,9 @@ TUNING_REVISION = 2
 TUNED_STRATEGIES = ("random", "kmeans", "single", "anticluster")
 # "d2c-soft" is d2c with `--objective soft` (each example counted by its margin), "d2c-margin"
 # with `--objective exact-margin` (exact match, the margins breaking its ties).
-# "d2c-anti" starts from weight-space anticlusters (`--init anticluster`).
-D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin", "d2c-anti")
+# "d2c-anti" starts from weight-space anticlusters (`--init anticluster`, the default since
+# revision 9); "d2c-kinit" from k-medoids (`--init kmeans`: revision 7's starts).
+D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin", "d2c-anti", "d2c-kinit")
 
 
 def sh(args: list[str]) -> str:
@@ -274,6 +275,8 @@ def run(args: argparse.Namespace) -> None:
                 extra = ["--objective", "exact-margin"]
             if strategy == "d2c-anti":
                 extra = ["--init", "anticluster"]
+            if strategy == "d2c-kinit":
+                extra = ["--init", "kmeans"]
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,
@@ -409,7 +412,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-kinit": 3.78, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
     for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
@@ -563,7 +566,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too; anticluster: weight-space anticlusters, over --random-seeds; d2c-anti / d2c-kinit: d2c with merge --init anticluster / kmeans")
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add` (comma-separated: one such run each)")
     r.add_argument("--rounds", type=int, default=6)
