@@ -68,6 +68,16 @@ TUNED_STRATEGIES = ("random", "kmeans", "single", "anticluster")
 # "d2c-anti" starts from weight-space anticlusters (`--init anticluster`, the default since
 # revision 9); "d2c-kinit" from k-medoids (`--init kmeans`: revision 7's starts).
 D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin", "d2c-anti", "d2c-kinit")
+# The merge flags each D2C variant adds to d2c's ("d2c-rinit": from a seeded random partition).
+D2C_VARIANT_FLAGS = {
+    "d2c-rinit": ["--init", "random"],
+    "d2c-activations": ["--screen", "activations"],
+    "d2c-insample": ["--judge", "in-sample"],
+    "d2c-soft": ["--objective", "soft"],
+    "d2c-margin": ["--objective", "exact-margin"],
+    "d2c-anti": ["--init", "anticluster"],
+    "d2c-kinit": ["--init", "kmeans"],
+}
 
 
 def sh(args: list[str]) -> str:
@@ -262,21 +272,7 @@ def run(args: argparse.Namespace) -> None:
                 extra = ["--budget-bytes", ref["storage"]["bytes"]]
             if strategy in truncations:
                 extra = ["--budget-bytes", input_bytes // seed]
-            if strategy == "d2c-rinit":
-                # D2C started from a seeded random partition instead of weight-space k-medoids.
-                extra = ["--init", "random"]
-            if strategy == "d2c-activations":
-                extra = ["--screen", "activations"]
-            if strategy == "d2c-insample":
-                extra = ["--judge", "in-sample"]
-            if strategy == "d2c-soft":
-                extra = ["--objective", "soft"]
-            if strategy == "d2c-margin":
-                extra = ["--objective", "exact-margin"]
-            if strategy == "d2c-anti":
-                extra = ["--init", "anticluster"]
-            if strategy == "d2c-kinit":
-                extra = ["--init", "kmeans"]
+            extra += D2C_VARIANT_FLAGS.get(strategy, [])
             samples = root / ("samples-nl" if strategy == "d2c-nl" else "samples")
             t = time.time()
             sh([BIN, "merge", "--base", BASE_GGUF, "--adapters", root / "adapters", "--samples", samples,

@@ -1,6 +1,5 @@
-//! D2C's search for a partition: a start (weight-space k-medoids or anticlusters, or a seeded
-//! random one),
-//! other starts (polished under the activation model) compared on their own clusters, then
+//! D2C's search for a partition: a start (weight-space anticlusters or k-medoids, or a seeded
+//! random one), other starts compared on their own clusters, then
 //! rounds of merge -> score -> move tasks, the moves picked by the activation model (or by
 //! scoring every task under every cluster) and each judged with the task inside. The best partition seen
 //! is kept, so the search never ends worse on the examples than where it started.
@@ -104,9 +103,8 @@ pub(crate) fn search(
         // is already a local optimum of what it minimises).
         let mut pending: Vec<(String, Assignment)> = Vec::new();
         match (model, opts.init) {
-            (_, Init::Anticluster) => pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))),
+            (_, Init::Anticluster) | (None, Init::Random) => pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))),
             (Some(m), _) => pending.push((format!("{}, polished by activations", opts.init), m.local_search(&assign, k))),
-            (None, Init::Random) => pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))),
             (None, Init::Kmeans) => {}
         }
         let mut seed = opts.seed;
