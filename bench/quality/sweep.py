@@ -233,6 +233,8 @@ def run(args: argparse.Namespace) -> None:
                 configs += [(strategy, k, s) for s in range(args.random_seeds)]
             elif strategy == "d2c-rinit":
                 configs += [("d2c-rinit", k, s) for s in range(args.random_seeds)] if k > 1 else []
+            elif strategy == "d2c" and k > 1:
+                configs += [("d2c", k, s) for s in range(args.d2c_seeds)]
             elif k > 1 or strategy == "kmeans":
                 configs.append((strategy, k, 0))
     settings_id = hashlib.blake2s(json.dumps(merge_settings, sort_keys=True).encode(), digest_size=4).hexdigest()
@@ -398,8 +400,13 @@ def report(args: argparse.Namespace) -> None:
         if r["strategy"] in D2C_STRATEGIES:
             parts = r["key"].split("/")  # set/strategy/k/seed/settings[/dREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("d") else 1
+            if (label, revision) == ("d2c-anti", 7):
+                label, revision = "d2c", 9  # revision 9 was measured under this name (above)
             if revision != D2C_REVISION:
                 label += f" (revision {revision})"
+        if label == "d2c-add":
+            parts = r["key"].split("/")  # set/d2c-add/k/task/settings/dREVISION
+            label += f" {r['added']}" + ("" if parts[-1] == f"d{D2C_REVISION}" else f" (revision {parts[-1][1:]})")
         if r["strategy"] in TUNED_STRATEGIES:
             parts = r["key"].split("/")  # set/strategy/k/seed/settings[/tREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("t") else 1
@@ -408,10 +415,10 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c (revision 1)": 3, "d2c-activations (revision 2)": 3.2, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-kinit": 3.78, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes (K)": 6, "d2c-bytes (2K)": 7, "truncate": 8, "truncate-energy": 9, "allocate (revision 1)": 10, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-kinit": 3.78, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes": 6, "truncate": 8, "truncate-energy": 9, "allocate": 11}
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
-    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
+    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0].split(" ")[0], 9), g[0][0])):
         scores = [normalised(r["eval"], own["eval"])[0] for r in rs]
         solid = [normalised(r["eval"], own["eval"], SOLID_CEILING)[0] for r in rs]
         acc = [r["eval"]["mean_accuracy"] for r in rs]
@@ -454,7 +461,7 @@ def report(args: argparse.Namespace) -> None:
         return " | ".join(cells)
 
     family_rows = [f"| own adapters | {n} | {by_family(own['eval'])} |"]
-    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 9))):
+    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0].split(" ")[0], 9), g[0][0])):
         for r in sorted(rs, key=lambda r: r["seed"]):
             seed = f" (seed {r['seed']})" if len(rs) > 1 else ""
             family_rows.append(f"| {strategy}{seed} | {k} | {by_family(r['eval'])} |")
@@ -564,6 +571,7 @@ def main() -> None:
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
     r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too; anticluster: weight-space anticlusters, over --random-seeds; d2c-anti / d2c-kinit: d2c with merge --init anticluster / kmeans")
     r.add_argument("--random-seeds", type=int, default=3)
+    r.add_argument("--d2c-seeds", type=int, default=1, help="d2c over merge --seed 0..N-1 (other starts: anticlusters of seeds s..s+2 and k-medoids of seed s), to see how far one run's result moves")
     r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add` (comma-separated: one such run each)")
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--method", default="svd", help="merge --method: the operator the rounds merge with")
