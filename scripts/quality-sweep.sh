@@ -38,6 +38,13 @@ CURRENT=(--rounds 4 --method regmean --tune-methods svd,ties,regmean --tune-scal
 for k in 4 n/4 n/2; do
   "$PY" sweep.py run --ks "$k" --strategies d2c,random,kmeans,anticluster,d2c-kinit --random-seeds 3 "${CURRENT[@]}"
 done
+# How far one D2C run moves with its seed (K = N/4, merge --seed 0 and 1); issue 19's `add`
+# against a full rerun (D2C on the 35 other tasks, then `add case-snake`); and a second problem,
+# six of the nine families (24 tasks), at K = 4 and 6.
+"$PY" sweep.py run --ks n/4 --strategies d2c --d2c-seeds 2 --random-seeds 3 "${CURRENT[@]}"
+"$PY" sweep.py run --ks 4,n/4 --strategies d2c-add --add-task case-snake "${CURRENT[@]}"
+"$PY" sweep.py run --families arith,case,classify,date,extract,str --ks 4,6 --strategies d2c,random,kmeans --random-seeds 3 "${CURRENT[@]}"
+"$PY" sweep.py run --families arith,case,classify,date,extract,str --ks 6 --strategies d2c-kinit "${CURRENT[@]}"
 # The first search's rows (svd/ties merges), kept for the history in docs/results.md.
 sweep --ks n/4 --strategies d2c,kmeans,random --random-seeds 3   # K = N/4 = 9: the target budget
 sweep --ks 1 --strategies single                                 # one adapter for everything
@@ -52,5 +59,6 @@ if [ "${1:-}" = --full ]; then
   sweep --ks 1,2,4,8,n/4,n/2 --strategies single,d2c,kmeans,random,d2c-rinit --random-seeds 3 --byte-budget 1,2
 fi
 "$PY" sweep.py report --out-dir "$ROOT/docs"
+"$PY" sweep.py report --families arith,case,classify,date,extract,str --out-dir "$ROOT/docs"
 # Does the example objective rank partitions as the tests do? (greedy exact match on the examples, ~1 min each)
 "$PY" sweep.py check-objective --ks 9,18 --out-dir "$ROOT/docs"

@@ -377,6 +377,7 @@ def normalised(ev: dict, own: dict, min_ceiling: float = 0.0) -> tuple[float, in
 def report(args: argparse.Namespace) -> None:
     set_name = "all" if not args.families else "+".join(sorted(args.families.split(",")))
     rows = [r for r in load_results().values() if r.get("set") == set_name]
+    keys = {r["key"] for r in rows}
     own = next((r for r in rows if r["strategy"] == "own"), None)
     base = next((r for r in rows if r["strategy"] == "base"), None)
     if own is None:
@@ -401,7 +402,11 @@ def report(args: argparse.Namespace) -> None:
             parts = r["key"].split("/")  # set/strategy/k/seed/settings[/dREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("d") else 1
             if (label, revision) == ("d2c-anti", 7):
-                label, revision = "d2c", 9  # revision 9 was measured under this name (above)
+                # Revision 9 was first measured under this name (above); a d2c row of revision 9
+                # at the same K and seed is the same search run again, counted once.
+                if f"{set_name}/d2c/k{r['k']}/s{r['seed']}/{parts[4]}/d9" in keys:
+                    continue
+                label, revision = "d2c", 9
             if revision != D2C_REVISION:
                 label += f" (revision {revision})"
         if label == "d2c-add":
@@ -541,9 +546,11 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v", "truncate": "<", "truncate-energy": ">", "allocate": "X"}
-    for strategy, pts in sorted(points.items()):
+    # Earlier revisions and one-off variants stay in the table; the plot shows what runs today.
+    current = {k: v for k, v in points.items() if "(" not in k and not k.startswith("d2c-add")}
+    for strategy, pts in sorted(current.items()):
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy, "."), label=strategy)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy.split(" ")[0], "."), label=strategy)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="own adapters")
     if base_norm == base_norm:
         ax.axhline(base_norm, color="grey", lw=0.8, ls=":", label="base model")
@@ -558,7 +565,7 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(fracs, [f"{x:g}" for x in fracs], fontsize=8)
     ax.set_title(f"SmolLM2-135M, {what}, held-out exact match", fontsize=9)
-    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.94), fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
