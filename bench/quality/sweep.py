@@ -398,8 +398,10 @@ def report(args: argparse.Namespace) -> None:
             parts = r["key"].split("/")  # set/strategy/k/f/settings[/aREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 else 1
             label = "allocate" if revision == ALLOCATOR_REVISION else f"allocate (revision {revision})"
-        if r["strategy"] in D2C_STRATEGIES:
-            parts = r["key"].split("/")  # set/strategy/k/seed/settings[/dREVISION]
+        if label == "d2c-add":
+            label += f" {r['added']}"
+        if r["strategy"] in (*D2C_STRATEGIES, "d2c-add"):
+            parts = r["key"].split("/")  # set/strategy/k/seed (d2c-add: task)/settings[/dREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("d") else 1
             if (label, revision) == ("d2c-anti", 7):
                 # Revision 9 was first measured under this name (above); a d2c row of revision 9
@@ -409,9 +411,6 @@ def report(args: argparse.Namespace) -> None:
                 label, revision = "d2c", 9
             if revision != D2C_REVISION:
                 label += f" (revision {revision})"
-        if label == "d2c-add":
-            parts = r["key"].split("/")  # set/d2c-add/k/task/settings/dREVISION
-            label += f" {r['added']}" + ("" if parts[-1] == f"d{D2C_REVISION}" else f" (revision {parts[-1][1:]})")
         if r["strategy"] in TUNED_STRATEGIES:
             parts = r["key"].split("/")  # set/strategy/k/seed/settings[/tREVISION]
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("t") else 1
@@ -421,9 +420,10 @@ def report(args: argparse.Namespace) -> None:
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
     order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-kinit": 3.78, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes": 6, "truncate": 8, "truncate-energy": 9, "allocate": 11}
+    ordered = sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0].split(" ")[0], 9), g[0][0]))
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
-    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0].split(" ")[0], 9), g[0][0])):
+    for (strategy, k), rs in ordered:
         scores = [normalised(r["eval"], own["eval"])[0] for r in rs]
         solid = [normalised(r["eval"], own["eval"], SOLID_CEILING)[0] for r in rs]
         acc = [r["eval"]["mean_accuracy"] for r in rs]
@@ -466,7 +466,7 @@ def report(args: argparse.Namespace) -> None:
         return " | ".join(cells)
 
     family_rows = [f"| own adapters | {n} | {by_family(own['eval'])} |"]
-    for (strategy, k), rs in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0].split(" ")[0], 9), g[0][0])):
+    for (strategy, k), rs in ordered:
         for r in sorted(rs, key=lambda r: r["seed"]):
             seed = f" (seed {r['seed']})" if len(rs) > 1 else ""
             family_rows.append(f"| {strategy}{seed} | {k} | {by_family(r['eval'])} |")
@@ -545,9 +545,9 @@ def plot(points: dict[str, list[tuple[float, float]]], own_acc: float, base_norm
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes (K)": "D", "d2c-bytes (2K)": "v", "truncate": "<", "truncate-energy": ">", "allocate": "X"}
-    # Earlier revisions and one-off variants stay in the table; the plot shows what runs today.
-    current = {k: v for k, v in points.items() if "(" not in k and not k.startswith("d2c-add")}
+    markers = {"single": "s", "random": "x", "kmeans": "^", "d2c": "o", "d2c-nl": "*", "d2c-rinit": "P", "d2c-bytes": "D", "truncate": "<", "truncate-energy": ">", "allocate": "X"}
+    # Earlier revisions and the add runs are in the table only; the plot shows what runs today.
+    current = {k: v for k, v in points.items() if "(revision" not in k and "(tuning" not in k and not k.startswith("d2c-add")}
     for strategy, pts in sorted(current.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(strategy.split(" ")[0], "."), label=strategy)
