@@ -56,8 +56,12 @@ ALLOCATOR_REVISION = 2
 # 8 (measured, not kept: commit bfe7254) = a round whose page of the screen found nothing judged
 # the next page; its rows stay in results.jsonl under /d8, so the next revision is 9.
 # 9 = D2C starts from weight-space anticlusters (merge's default --init anticluster); those
-# rows were measured as "d2c-anti" under revision 7, the same binary and flags.
-D2C_REVISION = 9
+# rows were measured as "d2c-anti" under revision 7, the same binary and flags. 10 = that
+# start is the best of 64 exchange optima (lowest within-cluster similarity) instead of one,
+# and the restarts take the next best of them instead of other seeds' single exchanges.
+D2C_REVISION = 10
+# Bumped when the "anticluster" strategy's partition changes: 2 = the best of 64 exchanges.
+ANTICLUSTER_REVISION = 2
 # Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
 # the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the
 # cross-fitted judge (merge --judge cross-fit) instead of in sample.
@@ -263,6 +267,8 @@ def run(args: argparse.Namespace) -> None:
             key += f"/d{D2C_REVISION}"
         if strategy in TUNED_STRATEGIES and TUNING_REVISION > 1:
             key += f"/t{TUNING_REVISION}"
+        if strategy == "anticluster" and ANTICLUSTER_REVISION > 1:
+            key += f"/x{ANTICLUSTER_REVISION}"
 
         def make(strategy=strategy, k=k, seed=seed) -> dict:
             out = merged_dir(key)
@@ -416,6 +422,11 @@ def report(args: argparse.Namespace) -> None:
             revision = int(parts[5][1:]) if len(parts) > 5 and parts[5].startswith("t") else 1
             if revision != TUNING_REVISION:
                 label += f" (tuning {revision})"
+        if r["strategy"] == "anticluster":
+            last = r["key"].split("/")[-1]
+            revision = int(last[1:]) if last.startswith("x") else 1
+            if revision != ANTICLUSTER_REVISION:
+                label += f" (one exchange, revision {revision})"
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)

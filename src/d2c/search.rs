@@ -99,25 +99,32 @@ pub(crate) fn search(
         // From anticlusters, the opposite start competes next: k-medoids, for adapters that
         // look alike because they are one skill (which merge well) rather than one format
         // with different rules (which do not); which of the two the tasks at hand are is for
-        // the scored objective to say. Then the next seeds' anticlusters (unpolished: each
-        // is already a local optimum of what it minimises).
+        // the scored objective to say. Then the next best anticluster optima of the same
+        // exchange starts (unpolished: each is already a local optimum of what it minimises),
+        // or seeded random starts.
         let mut pending: Vec<(String, Assignment)> = Vec::new();
         match (model, opts.init) {
             (_, Init::Anticluster) | (None, Init::Random) => pending.push(("kmeans".to_string(), cluster::kmedoids(&similarity, k, opts.seed))),
             (Some(m), _) => pending.push((format!("{}, polished by activations", opts.init), m.local_search(&assign, k))),
             (None, Init::Kmeans) => {}
         }
+        let mut next_optima = match opts.init {
+            Init::Anticluster => cluster::anticluster_optima(&similarity, k, opts.seed).into_iter().enumerate().skip(1).collect(),
+            _ => Vec::new(),
+        }
+        .into_iter();
         let mut seed = opts.seed;
         let mut tries = 0;
         while options.len() < opts.restarts && tries < 4 * opts.restarts + 4 {
             tries += 1;
-            let (name, start) = pending.pop().unwrap_or_else(|| {
-                seed += 1;
-                match opts.init {
-                    Init::Anticluster => (format!("anticluster seed {seed}"), cluster::anticlusters(&similarity, k, seed)),
-                    _ => (format!("random seed {seed}"), cluster::random_partition(n, k, seed)),
+            let next = pending.pop().or_else(|| match opts.init {
+                Init::Anticluster => next_optima.next().map(|(i, a)| (format!("anticluster optimum {}", i + 1), a)),
+                _ => {
+                    seed += 1;
+                    Some((format!("random seed {seed}"), cluster::random_partition(n, k, seed)))
                 }
             });
+            let Some((name, start)) = next else { break };
             let start = cluster::canonical(&start, k);
             if !options.iter().any(|(_, a)| *a == start) {
                 options.push((name, start));
