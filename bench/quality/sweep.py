@@ -57,10 +57,10 @@ ALLOCATOR_REVISION = 2
 # the next page; its rows stay in results.jsonl under /d8, so the next revision is 9.
 # 9 = D2C starts from weight-space anticlusters (merge's default --init anticluster); those
 # rows were measured as "d2c-anti" under revision 7, the same binary and flags. 10 = that
-# start is the best of 64 exchange optima (lowest within-cluster similarity) instead of one,
+# start is the best of 256 exchange optima (lowest within-cluster similarity) instead of one,
 # and the restarts take the next best of them instead of other seeds' single exchanges.
 D2C_REVISION = 10
-# Bumped when the "anticluster" strategy's partition changes: 2 = the best of 64 exchanges.
+# Bumped when the "anticluster" strategy's partition changes: 2 = the best of 256 exchanges.
 ANTICLUSTER_REVISION = 2
 # Bumped when the tuning of merged clusters (operator x multiplier, serve scales) changes, for
 # the partitions that do not follow D2C_REVISION (random, k-means, single): 2 = chosen by the

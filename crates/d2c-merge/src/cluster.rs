@@ -122,7 +122,7 @@ pub fn random_partition(n: usize, k: usize, seed: u64) -> Assignment {
 }
 
 /// Seeded exchange starts behind one anticluster partition (see [`anticluster_optima`]).
-pub const ANTICLUSTER_STARTS: u64 = 64;
+pub const ANTICLUSTER_STARTS: u64 = 256;
 
 /// Anticlusters: `k` clusters of near-equal size, each gathering adapters that look unlike
 /// one another. Adapters that look alike serve tasks that differ only in their rule (unit
