@@ -56,13 +56,20 @@ pub(crate) fn search(
         similarity::similarity_matrix(&refs)
     };
     timings.insert("similarity".to_string(), t.elapsed().as_secs_f64());
+    // Anticluster optima, best first: the start, then the next candidates for the restarts.
+    let mut anticluster_optima = match (opts.strategy, opts.init) {
+        (Strategy::Anticluster, _) | (Strategy::D2c, Init::Anticluster) if k < n => cluster::anticluster_optima(&similarity, k, opts.seed),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .enumerate();
     let mut assign: Assignment = match (opts.strategy, opts.init) {
         _ if k == n => (0..n).collect(),
         (Strategy::Truncate | Strategy::TruncateEnergy | Strategy::Allocate, _) => (0..n).collect(),
         (Strategy::Single, _) => vec![0; n],
         (Strategy::Random, _) | (Strategy::D2c, Init::Random) => cluster::random_partition(n, k, opts.seed),
         (Strategy::Kmeans, _) | (Strategy::D2c, Init::Kmeans) => cluster::kmedoids(&similarity, k, opts.seed),
-        (Strategy::Anticluster, _) | (Strategy::D2c, Init::Anticluster) => cluster::anticlusters(&similarity, k, opts.seed),
+        (Strategy::Anticluster, _) | (Strategy::D2c, Init::Anticluster) => anticluster_optima.next().expect("one optimum at least").1,
     };
 
     let t = Instant::now();
@@ -108,17 +115,12 @@ pub(crate) fn search(
             (Some(m), _) => pending.push((format!("{}, polished by activations", opts.init), m.local_search(&assign, k))),
             (None, Init::Kmeans) => {}
         }
-        let mut next_optima = match opts.init {
-            Init::Anticluster => cluster::anticluster_optima(&similarity, k, opts.seed).into_iter().enumerate().skip(1).collect(),
-            _ => Vec::new(),
-        }
-        .into_iter();
         let mut seed = opts.seed;
         let mut tries = 0;
         while options.len() < opts.restarts && tries < 4 * opts.restarts + 4 {
             tries += 1;
             let next = pending.pop().or_else(|| match opts.init {
-                Init::Anticluster => next_optima.next().map(|(i, a)| (format!("anticluster optimum {}", i + 1), a)),
+                Init::Anticluster => anticluster_optima.next().map(|(i, a)| (format!("anticluster optimum {}", i + 1), a)),
                 _ => {
                     seed += 1;
                     Some((format!("random seed {seed}"), cluster::random_partition(n, k, seed)))
