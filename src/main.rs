@@ -541,6 +541,11 @@ struct MergeArgs {
     /// What is minimised on the examples.
     #[arg(long, default_value_t = DEFAULTS.objective)]
     objective: d2c_gguf::objective::ExampleObjective,
+    /// What each task's examples are judged against: examples (the completions as written) or
+    /// own (what the task's own adapter answers, where it answers otherwise: a merged adapter
+    /// is held to reproducing its own adapter on every example).
+    #[arg(long, default_value_t = DEFAULTS.targets)]
+    targets: d2c_gguf::d2c::Targets,
     /// Print the manifest as JSON instead of the report table.
     #[arg(long)]
     json: bool,
@@ -584,6 +589,7 @@ fn merge_cmd(a: MergeArgs) -> Result<ExitCode> {
     o.density = a.density;
     o.score_end = a.score_end;
     o.objective = a.objective;
+    o.targets = a.targets;
     if a.no_tune {
         o.tune_methods.clear();
         o.tune_scales.clear();

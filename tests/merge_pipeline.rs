@@ -434,6 +434,69 @@ fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
 }
 
 #[test]
+fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
+    // Trained adapters (the demo set's), with three of case-snake's completions made wrong:
+    // its own adapter answers those otherwise, and `--targets own` judges them by its answers.
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set");
+    let dir = common::tempdir();
+    for sub in ["adapters", "samples"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    for task in ["case-kebab", "case-snake"] {
+        std::os::unix::fs::symlink(demo.join(format!("adapters/{task}.gguf")), dir.path().join(format!("adapters/{task}.gguf"))).unwrap();
+    }
+    std::os::unix::fs::symlink(demo.join("samples/case-kebab.jsonl"), dir.path().join("samples/case-kebab.jsonl")).unwrap();
+    let written = std::fs::read_to_string(demo.join("samples/case-snake.jsonl")).unwrap();
+    let mut lines: Vec<serde_json::Value> = written.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (i, line) in lines.iter_mut().take(3).enumerate() {
+        line["completion"] = format!(" not_the_answer_{i}").into();
+    }
+    let corrupted: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("samples/case-snake.jsonl"), corrupted).unwrap();
+
+    // What the own adapters answer, through `eval` (generation, not the scorer's verdict).
+    let (code, o, e) = common::run_cli(&[
+        "eval",
+        "--base",
+        common::path_str(&common::base_model()),
+        "--tests",
+        common::path_str(&dir.path().join("samples")),
+        "--adapters",
+        common::path_str(&dir.path().join("adapters")),
+        "--max-tokens",
+        "64",
+        "--threads",
+        "2",
+        "--predictions",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{o}{e}");
+    let report: serde_json::Value = serde_json::from_str(&o).unwrap();
+    let differing = |task: &str| {
+        report["tasks"][task]["predictions"].as_array().unwrap().iter().filter(|p| p["predicted"] != "" && p["predicted"] != p["expected"]).count()
+    };
+    assert!(differing("case-snake") >= 3, "{}", report["tasks"]["case-snake"]);
+
+    let args = ["--budget", "1", "--method", "svd", "--no-tune"];
+    let (code, o, e) = merge_set(dir.path(), &[&args[..], &["--targets", "own"]].concat(), &dir.path().join("own"));
+    assert_eq!(code, 0, "{o}{e}");
+    let own = Manifest::read(&dir.path().join("own/manifest.json")).unwrap();
+    let (code, o, e) = merge_set(dir.path(), &args, &dir.path().join("written"));
+    assert_eq!(code, 0, "{o}{e}");
+    let written = Manifest::read(&dir.path().join("written/manifest.json")).unwrap();
+    assert_eq!(own.settings["targets"], "own");
+    assert_eq!(written.settings["targets"], "examples");
+    for task in ["case-kebab", "case-snake"] {
+        assert_eq!(own.settings["targets_replaced"][task], differing(task), "{task}: the examples replaced are those eval's answers differ on");
+        // Every example is now what the own adapter answers, and the scorer's one-pass verdict
+        // agrees that it reproduces them; judged by the written completions it cannot
+        // reproduce the three made wrong.
+        assert_eq!(own.scores[task].exact_own, 1.0, "{task}: {:?}", own.scores[task]);
+    }
+    assert!(written.scores["case-snake"].exact_own <= 0.7, "{:?}", written.scores["case-snake"]);
+}
+
+#[test]
 fn the_soft_objective_counts_each_example_by_its_margin() {
     // Trained adapters (the demo set's), so that the own adapters reproduce examples: the
     // synthetic set's reproduce none and would leave the soft term unused.

@@ -24,6 +24,7 @@ mod options;
 mod publish;
 mod score_cache;
 mod search;
+mod targets;
 mod tasks;
 mod tune;
 mod update;
@@ -31,7 +32,7 @@ mod update;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-pub use options::{Init, Judge, MergeRunOptions, Screen, Strategy};
+pub use options::{Init, Judge, MergeRunOptions, Screen, Strategy, Targets};
 pub use search::{move_candidates, take_improving_moves};
 pub use update::{add, remove, NewTask, UpdateOptions};
 
@@ -62,6 +63,11 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     let k = max_files.min(n);
     let (rank, compressed) = truncations(opts, &tasks)?;
     stages.done("read", started);
+    let t = stages.start();
+    let (tasks, replaced_targets) = targets::apply(opts.targets, &opts.base, tasks, opts.threads, opts.progress)?;
+    if opts.targets != Targets::Examples {
+        stages.done("targets", t);
+    }
 
     let base_hash = manifest::hash_file(&opts.base)?;
     let cpu_kernels = crate::llama::cpu_kernels()?;
@@ -149,7 +155,7 @@ pub fn run(opts: &MergeRunOptions) -> Result<Manifest> {
     outcome.scales = tune::serve_scales(&mut ev, &pool, &baselines, opts, &outcome.groups, &outcome.chosen)?;
     stages.done("serve_scales", t);
 
-    let facts = RunFacts { opts, base_info: &base_info, base_hash, cpu_kernels };
+    let facts = RunFacts { opts, base_info: &base_info, base_hash, cpu_kernels, replaced_targets: &replaced_targets };
     let manifest = publish::manifest(&mut ev, &tasks, &baselines, facts, &outcome, stages, started)?;
     staging.publish(&manifest, &outcome.chosen, &opts.out)?;
     Ok(manifest)

@@ -88,6 +88,19 @@ pub enum Judge {
 
 d2c_format::value_names!(Judge, "judge");
 
+/// What each task's examples are judged against (`targets.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Targets {
+    /// The completions as written.
+    #[default]
+    Examples,
+    /// What the task's own adapter answers (greedy, first line), where that differs from the
+    /// completion: a merged adapter is held to reproducing its own adapter on every example.
+    Own,
+}
+
+d2c_format::value_names!(Targets, "targets");
+
 #[derive(Debug, Clone)]
 pub struct MergeRunOptions {
     pub base: PathBuf,
@@ -132,6 +145,8 @@ pub struct MergeRunOptions {
     pub score_end: CompletionEnd,
     /// What the rounds, the tuning and the allocation minimise on the examples.
     pub objective: ExampleObjective,
+    /// What the examples are judged against.
+    pub targets: Targets,
 }
 
 impl MergeRunOptions {
@@ -177,6 +192,7 @@ impl Default for MergeRunOptions {
             progress: false,
             score_end: CompletionEnd::None,
             objective: ExampleObjective::Exact,
+            targets: Targets::Examples,
         }
     }
 }

@@ -127,6 +127,8 @@ pub(crate) struct RunFacts<'a> {
     pub base_info: &'a BaseModel,
     pub base_hash: String,
     pub cpu_kernels: String,
+    /// Per task, how many of its examples `--targets own` replaced (empty otherwise).
+    pub replaced_targets: &'a [usize],
 }
 
 /// The manifest of a finished run: every task scored under the adapter (and scale) it ships
@@ -209,6 +211,8 @@ pub(crate) fn manifest(
             "cpu_kernels": facts.cpu_kernels,
             "objective": opts.objective.to_string(),
             "objective_definition": opts.objective.description(),
+            "targets": opts.targets.to_string(),
+            "targets_replaced": tasks.iter().zip(facts.replaced_targets).map(|(t, &n)| (t.name.clone(), n)).collect::<BTreeMap<_, _>>(),
         }),
         objective: Objective { initial: outcome.rounds[0].objective, best: final_regret / n as f64, best_round: outcome.best_round },
         rounds: outcome.rounds.clone(),

@@ -18,8 +18,9 @@ use serde_json::Value;
 
 use super::evaluator::{self, Candidate, ClusterEval, Evaluator, Pool};
 use super::inputs::TaskActivations;
-use super::options::{Judge, MergeRunOptions, Strategy};
+use super::options::{Judge, MergeRunOptions, Strategy, Targets};
 use super::publish::{cluster_scores, Staging};
+use super::targets;
 use super::tasks::{self, pick, Task};
 use crate::convert::{AdapterSource, PeftScratch};
 use crate::error::{Error, Result};
@@ -168,6 +169,9 @@ pub fn add(opts: &UpdateOptions, new: &NewTask) -> Result<Manifest> {
         }
     };
     next.tasks.insert(name.clone(), c);
+    if let (Some(counts), Some(&n)) = (next.settings.get_mut("targets_replaced").and_then(Value::as_object_mut), work.replaced_targets.get(t)) {
+        counts.insert(name.clone(), n.into());
+    }
     set_adapter(&mut next.adapters[c], &chosen, members.iter().map(|&i| work.tasks[i].name.clone()).collect());
     for (i, got) in cluster_scores(&mut work.ev, &work.tasks, &baselines, c, &members, &chosen.candidate, &scales)? {
         next.scores.insert(work.tasks[i].name.clone(), got);
@@ -211,6 +215,9 @@ pub fn remove(opts: &UpdateOptions, task: &str) -> Result<Manifest> {
     let mut next = set.manifest.clone();
     next.tasks.remove(task);
     next.task_scales.remove(task);
+    if let Some(counts) = next.settings.get_mut("targets_replaced").and_then(Value::as_object_mut) {
+        counts.remove(task);
+    }
     next.scores.remove(task);
     next.inputs.remove(task);
     next.storage.input_bytes = next.storage.input_bytes.saturating_sub(file_len(&work.tasks[t].adapter_path)?);
@@ -302,6 +309,8 @@ struct Work {
     tasks: Vec<Task>,
     ev: Evaluator,
     run: MergeRunOptions,
+    /// Per task, how many examples `--targets own` replaced (empty under the written ones).
+    replaced_targets: Vec<usize>,
     staging: Staging,
     _scratch: PeftScratch,
 }
@@ -365,6 +374,7 @@ impl<'a> Deployed<'a> {
     fn work(&self, listed: Vec<(String, AdapterSource, PathBuf)>) -> Result<Work> {
         let mut scratch = PeftScratch::default();
         let (tasks, _) = tasks::read_listed(&self.base, listed, self.run.score_end, &mut scratch)?;
+        let (tasks, replaced_targets) = targets::apply(self.run.targets, &self.base, tasks, self.run.threads, self.opts.progress)?;
         for task in &tasks {
             let Some(recorded) = self.manifest.inputs.get(&task.name) else { continue };
             for (what, file, want) in
@@ -395,7 +405,7 @@ impl<'a> Deployed<'a> {
         }
         let scoring_id = evaluator::scoring_id(&self.manifest.base.blake3, &cpu_kernels);
         let ev = Evaluator::open(&self.base, &scoring_id, score_opts, self.run.cache.as_deref(), staging.work_dir(), self.run.dtype, &tasks)?;
-        Ok(Work { tasks, ev, run: self.run.clone(), staging, _scratch: scratch })
+        Ok(Work { tasks, ev, run: self.run.clone(), replaced_targets, staging, _scratch: scratch })
     }
 
     /// The clusters as task indices into `tasks` (ascending, as `merge` made them), without
@@ -505,6 +515,11 @@ fn settings(m: &Manifest, path: &Path, opts: &UpdateOptions, base: &Path) -> Res
     run.serve_scales = floats("serve_scales")?;
     run.score_end = parse("score_end")?.parse().map_err(|e| bad("score_end", e))?;
     run.objective = parse("objective")?.parse().map_err(|e| bad("objective", e))?;
+    // Sets merged before targets were a setting judged the written completions.
+    run.targets = match s.get("targets").and_then(Value::as_str) {
+        Some(t) => t.parse().map_err(|e| bad("targets", e))?,
+        None => Targets::Examples,
+    };
     // Sets merged before cross-fitting judged in sample.
     run.judge = match s.get("judge").and_then(Value::as_str) {
         Some(j) => j.parse().map_err(|e| bad("judge", e))?,

@@ -140,20 +140,8 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
     let prompts_of: BTreeMap<&str, Vec<Vec<Token>>> =
         tests.iter().map(|(task, samples)| (task.as_str(), samples.iter().map(|s| model.tokenize_sequence(&s.prompt)).collect())).collect();
     let longest = prompts_of.values().flatten().map(|p| p.len()).max().unwrap_or(1);
-    let per_seq = longest + opts.max_tokens;
-    // Every running sequence adds one token per generation step, so a step must fit one batch.
-    let n_parallel = opts.n_parallel.min(crate::llama::MAX_SEQUENCES as usize).min(opts.n_batch as usize);
-    let n_ctx = (per_seq * n_parallel).max(opts.n_batch as usize);
-    if per_seq > model.n_ctx_train() as usize {
-        return Err(Error::Usage(format!(
-            "{}: a prompt of {longest} tokens plus {} generated tokens exceeds the model's context ({})",
-            tests_dir.display(),
-            opts.max_tokens,
-            model.n_ctx_train()
-        )));
-    }
-    let cfg = SessionConfig { n_ctx: n_ctx as u32, n_batch: opts.n_batch, n_seq: n_parallel as u32, threads: opts.threads, flash_attention: false };
-    let mut session = model.session_with(cfg)?;
+    check_fits(&model, tests_dir, longest, opts.max_tokens)?;
+    let (mut session, n_parallel) = generation_session(&model, longest, opts)?;
 
     // Tasks served alike (one adapter at one scale) are decoded together.
     let mut groups: BTreeMap<(Option<usize>, u32), Vec<&str>> = BTreeMap::new();
@@ -167,13 +155,8 @@ pub fn evaluate(base: &Path, tests_dir: &Path, choice: &AdapterChoice, opts: &Ev
     for ((adapter, scale), group) in &groups {
         session.set_adapter(adapter.map(|i| (adapters[i], f32::from_bits(*scale))))?;
         let prompts: Vec<&[Token]> = group.iter().flat_map(|t| prompts_of[t].iter().map(|p| p.as_slice())).collect();
-        let mut outputs = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(n_parallel) {
-            let (texts, tokens) = greedy_batch(&model, &mut session, chunk, opts.max_tokens)?;
-            decoded_tokens += tokens;
-            progress.inc(chunk.len() as u64);
-            outputs.extend(texts);
-        }
+        let (outputs, tokens) = complete_all(&model, &mut session, &prompts, n_parallel, opts.max_tokens, &progress)?;
+        decoded_tokens += tokens;
         let mut outputs = outputs.into_iter();
         for task in group {
             generated.insert(task, outputs.by_ref().take(prompts_of[task].len()).collect());
@@ -307,6 +290,79 @@ fn adapter_files(
         }
     }
     Ok(out)
+}
+
+/// What greedy decoding answers to each prompt of each job under the job's adapter (scale 1):
+/// the first generated line, trimmed, as `eval` judges it; one list per job, in order. `merge
+/// --targets own` holds a task's merged adapter to these answers of its own adapter.
+/// Each job: the adapter, the file its prompts come from (named in errors), the prompts.
+pub fn adapter_answers(base: &Path, jobs: &[(PathBuf, PathBuf, Vec<String>)], opts: &EvalOptions) -> Result<Vec<Vec<String>>> {
+    if opts.max_tokens == 0 || opts.n_parallel == 0 || opts.n_batch == 0 {
+        return Err(Error::Usage("max tokens, parallel sequences and batch must be at least 1".into()));
+    }
+    let mut model = Model::load(base)?;
+    let adapters: Vec<AdapterId> = jobs.iter().map(|(file, _, _)| model.load_adapter(file)).collect::<Result<_>>()?;
+    let prompts: Vec<Vec<Vec<Token>>> = jobs.iter().map(|(_, _, ps)| ps.iter().map(|p| model.tokenize_sequence(p)).collect()).collect();
+    for ((_, source, _), job) in jobs.iter().zip(&prompts) {
+        check_fits(&model, source, job.iter().map(|p| p.len()).max().unwrap_or(1), opts.max_tokens)?;
+    }
+    let longest = prompts.iter().flatten().map(|p| p.len()).max().unwrap_or(1);
+    let (mut session, n_parallel) = generation_session(&model, longest, opts)?;
+    let progress = d2c_format::progress::bar(opts.progress, prompts.iter().map(|p| p.len() as u64).sum(), "own adapters' answers");
+    let mut answers = Vec::with_capacity(jobs.len());
+    for (&adapter, job) in adapters.iter().zip(&prompts) {
+        session.set_adapter(Some((adapter, 1.0)))?;
+        let refs: Vec<&[Token]> = job.iter().map(|p| p.as_slice()).collect();
+        let (texts, _) = complete_all(&model, &mut session, &refs, n_parallel, opts.max_tokens, &progress)?;
+        answers.push(texts.iter().map(|t| prediction_of(t).to_string()).collect());
+    }
+    progress.finish_and_clear();
+    Ok(answers)
+}
+
+/// An error naming `what` where a prompt of `longest` tokens plus `max_tokens` generated ones
+/// does not fit the model's context.
+fn check_fits(model: &Model, what: &Path, longest: usize, max_tokens: usize) -> Result<()> {
+    if longest + max_tokens > model.n_ctx_train() as usize {
+        return Err(Error::Usage(format!(
+            "{}: a prompt of {longest} tokens plus {max_tokens} generated tokens exceeds the model's context ({})",
+            what.display(),
+            model.n_ctx_train()
+        )));
+    }
+    Ok(())
+}
+
+/// A session for greedy generation of prompts of up to `longest` tokens plus `opts.max_tokens`,
+/// as many at once as one decode step fits; and that number of sequences.
+fn generation_session<'m>(model: &'m Model, longest: usize, opts: &EvalOptions) -> Result<(Session<'m>, usize)> {
+    let per_seq = longest + opts.max_tokens;
+    // Every running sequence adds one token per generation step, so a step must fit one batch.
+    let n_parallel = opts.n_parallel.min(crate::llama::MAX_SEQUENCES as usize).min(opts.n_batch as usize);
+    let n_ctx = (per_seq * n_parallel).max(opts.n_batch as usize);
+    let cfg = SessionConfig { n_ctx: n_ctx as u32, n_batch: opts.n_batch, n_seq: n_parallel as u32, threads: opts.threads, flash_attention: false };
+    Ok((model.session_with(cfg)?, n_parallel))
+}
+
+/// Greedy continuations of `prompts` under the session's adapter, `n_parallel` at a time; the
+/// texts in order and the tokens decoded.
+fn complete_all(
+    model: &Model,
+    session: &mut Session<'_>,
+    prompts: &[&[Token]],
+    n_parallel: usize,
+    max_tokens: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<(Vec<String>, usize)> {
+    let mut outputs = Vec::with_capacity(prompts.len());
+    let mut decoded = 0;
+    for chunk in prompts.chunks(n_parallel) {
+        let (texts, tokens) = greedy_batch(model, session, chunk, max_tokens)?;
+        decoded += tokens;
+        progress.inc(chunk.len() as u64);
+        outputs.extend(texts);
+    }
+    Ok((outputs, decoded))
 }
 
 /// Greedy continuations of `prompts` (one sequence id each, all in one KV cache), each ending at
