@@ -71,7 +71,8 @@ TUNED_STRATEGIES = ("random", "kmeans", "single", "anticluster")
 # with `--objective exact-margin` (exact match, the margins breaking its ties).
 # "d2c-anti" starts from weight-space anticlusters (`--init anticluster`, the default since
 # revision 9); "d2c-kinit" from k-medoids (`--init kmeans`: revision 7's starts).
-D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin", "d2c-anti", "d2c-kinit")
+# "d2c-own" judges each task's examples against its own adapter's answers (`--targets own`).
+D2C_STRATEGIES = ("d2c", "d2c-activations", "d2c-bytes", "d2c-rinit", "d2c-nl", "d2c-insample", "d2c-soft", "d2c-margin", "d2c-anti", "d2c-kinit", "d2c-own")
 # The merge flags each D2C variant adds to d2c's ("d2c-rinit": from a seeded random partition).
 D2C_VARIANT_FLAGS = {
     "d2c-rinit": ["--init", "random"],
@@ -81,6 +82,7 @@ D2C_VARIANT_FLAGS = {
     "d2c-margin": ["--objective", "exact-margin"],
     "d2c-anti": ["--init", "anticluster"],
     "d2c-kinit": ["--init", "kmeans"],
+    "d2c-own": ["--targets", "own"],
 }
 
 
@@ -430,7 +432,7 @@ def report(args: argparse.Namespace) -> None:
         if r.get("settings", {}).get("serve_scales", "1") != "1":
             label += " + serve scales"
         groups.setdefault((label, r["k"]), []).append(r)
-    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-kinit": 3.78, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes": 6, "truncate": 8, "truncate-energy": 9, "allocate": 11}
+    order = {"single": 0, "random": 1, "kmeans": 2, "anticluster": 2.5, "d2c-activations": 3.4, "d2c": 3.6, "d2c-insample": 3.7, "d2c-soft": 3.75, "d2c-margin": 3.76, "d2c-anti": 3.77, "d2c-kinit": 3.78, "d2c-own": 3.79, "d2c-add": 3.8, "d2c-nl": 4, "d2c-rinit": 5, "d2c-bytes": 6, "truncate": 8, "truncate-energy": 9, "allocate": 11}
     ordered = sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0].split(" ")[0], 9), g[0][0]))
     lines = []
     points: dict[str, list[tuple[float, float]]] = {}
@@ -587,7 +589,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ks", default="1,2,4,8,n/4,n/2", help="budgets; n/4 and n/2 follow the task count")
-    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too; anticluster: weight-space anticlusters, over --random-seeds; d2c-anti / d2c-kinit: d2c with merge --init anticluster / kmeans")
+    r.add_argument("--strategies", default="single,random,kmeans,d2c", help="also d2c-add: d2c on every task but --add-task, then `add` of it; d2c-activations: d2c with merge --screen activations; d2c-rinit: d2c from a random partition, over --random-seeds; d2c-nl: d2c scoring each example's closing newline too; anticluster: weight-space anticlusters, over --random-seeds; d2c-anti / d2c-kinit: d2c with merge --init anticluster / kmeans; d2c-own: d2c with merge --targets own")
     r.add_argument("--random-seeds", type=int, default=3)
     r.add_argument("--d2c-seeds", type=int, default=1, help="d2c over merge --seed 0..N-1 (other starts: anticlusters of seeds s..s+2 and k-medoids of seed s), to see how far one run's result moves")
     r.add_argument("--add-task", default="case-snake", help="with --strategies d2c-add: the task merged last, by `d2c-gguf add` (comma-separated: one such run each)")
