@@ -433,20 +433,33 @@ fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
     assert!(m.scoring.cached_sequences >= cached_before, "resume did not reuse the cache: {:?}", m.scoring);
 }
 
-#[test]
-fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
-    // Trained adapters (the demo set's), with three of case-snake's completions made wrong:
-    // its own adapter answers those otherwise, and `--targets own` judges them by its answers.
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set");
+/// The demo set: four tasks with trained adapters, whose own adapters reproduce most examples.
+fn demo_set() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set")
+}
+
+/// A task set of the demo set's `adapters` (linked), with the examples of `samples` linked
+/// (the others' are for the test to write).
+fn demo_tasks(adapters: &[&str], samples: &[&str]) -> tempfile::TempDir {
     let dir = common::tempdir();
     for sub in ["adapters", "samples"] {
         std::fs::create_dir(dir.path().join(sub)).unwrap();
     }
-    for task in ["case-kebab", "case-snake"] {
-        std::os::unix::fs::symlink(demo.join(format!("adapters/{task}.gguf")), dir.path().join(format!("adapters/{task}.gguf"))).unwrap();
+    for task in adapters {
+        std::os::unix::fs::symlink(demo_set().join(format!("adapters/{task}.gguf")), dir.path().join(format!("adapters/{task}.gguf"))).unwrap();
     }
-    std::os::unix::fs::symlink(demo.join("samples/case-kebab.jsonl"), dir.path().join("samples/case-kebab.jsonl")).unwrap();
-    let written = std::fs::read_to_string(demo.join("samples/case-snake.jsonl")).unwrap();
+    for task in samples {
+        std::os::unix::fs::symlink(demo_set().join(format!("samples/{task}.jsonl")), dir.path().join(format!("samples/{task}.jsonl"))).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
+    // Trained adapters (the demo set's), with three of case-snake's completions made wrong:
+    // its own adapter answers those otherwise, and `--targets own` judges them by its answers.
+    let dir = demo_tasks(&["case-kebab", "case-snake"], &["case-kebab"]);
+    let written = std::fs::read_to_string(demo_set().join("samples/case-snake.jsonl")).unwrap();
     let mut lines: Vec<serde_json::Value> = written.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for (i, line) in lines.iter_mut().take(3).enumerate() {
         line["completion"] = format!(" not_the_answer_{i}").into();
@@ -500,15 +513,7 @@ fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
 fn the_soft_objective_counts_each_example_by_its_margin() {
     // Trained adapters (the demo set's), so that the own adapters reproduce examples: the
     // synthetic set's reproduce none and would leave the soft term unused.
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set");
-    let dir = common::tempdir();
-    for sub in ["adapters", "samples"] {
-        std::fs::create_dir(dir.path().join(sub)).unwrap();
-    }
-    for task in ["case-kebab", "case-snake"] {
-        std::os::unix::fs::symlink(demo.join(format!("adapters/{task}.gguf")), dir.path().join(format!("adapters/{task}.gguf"))).unwrap();
-        std::os::unix::fs::symlink(demo.join(format!("samples/{task}.jsonl")), dir.path().join(format!("samples/{task}.jsonl"))).unwrap();
-    }
+    let dir = demo_tasks(&["case-kebab", "case-snake"], &["case-kebab", "case-snake"]);
     let out = dir.path().join("soft");
     let (code, o, e) = merge_set(dir.path(), &["--budget", "1", "--method", "svd", "--no-tune", "--objective", "soft"], &out);
     assert_eq!(code, 0, "{o}{e}");
