@@ -507,6 +507,47 @@ fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
         assert_eq!(own.scores[task].exact_own, 1.0, "{task}: {:?}", own.scores[task]);
     }
     assert!(written.scores["case-snake"].exact_own <= 0.7, "{:?}", written.scores["case-snake"]);
+
+    // `add` and `remove` judge as the set was merged: the new task against its own adapter's
+    // answers too, and the counts follow the task in and out.
+    let added = dir.path().join("own-add");
+    let (code, o, e) = common::run_cli(&[
+        "add",
+        "--manifest",
+        common::path_str(&dir.path().join("own/manifest.json")),
+        "--adapter",
+        common::path_str(&demo_set().join("adapters/arith-add.gguf")),
+        "--samples",
+        common::path_str(&demo_set().join("samples/arith-add.jsonl")),
+        "--out",
+        common::path_str(&added),
+        "--base",
+        common::path_str(&common::base_model()),
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{o}{e}");
+    let with_new = Manifest::read(&added.join("manifest.json")).unwrap();
+    assert_eq!(with_new.settings["targets"], "own");
+    assert!(with_new.settings["targets_replaced"]["arith-add"].is_u64(), "{}", with_new.settings);
+    assert_eq!(with_new.scores["arith-add"].exact_own, 1.0, "{:?}", with_new.scores["arith-add"]);
+    let removed = dir.path().join("own-removed");
+    let (code, o, e) = common::run_cli(&[
+        "remove",
+        "--manifest",
+        common::path_str(&added.join("manifest.json")),
+        "--task",
+        "arith-add",
+        "--out",
+        common::path_str(&removed),
+        "--base",
+        common::path_str(&common::base_model()),
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{o}{e}");
+    let without = Manifest::read(&removed.join("manifest.json")).unwrap();
+    assert_eq!(without.settings["targets_replaced"], own.settings["targets_replaced"]);
 }
 
 #[test]

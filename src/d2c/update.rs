@@ -374,7 +374,6 @@ impl<'a> Deployed<'a> {
     fn work(&self, listed: Vec<(String, AdapterSource, PathBuf)>) -> Result<Work> {
         let mut scratch = PeftScratch::default();
         let (tasks, _) = tasks::read_listed(&self.base, listed, self.run.score_end, &mut scratch)?;
-        let (tasks, replaced_targets) = targets::apply(self.run.targets, &self.base, tasks, self.run.threads, self.opts.progress)?;
         for task in &tasks {
             let Some(recorded) = self.manifest.inputs.get(&task.name) else { continue };
             for (what, file, want) in
@@ -393,6 +392,8 @@ impl<'a> Deployed<'a> {
                 }
             }
         }
+        // Generated only once the inputs are known to be the ones the set was merged from.
+        let (tasks, replaced_targets) = targets::apply(self.run.targets, &self.base, tasks, self.run.threads, self.opts.progress)?;
         let staging = Staging::new(&self.opts.out)?;
         let score_opts = ScoreOptions { threads: self.run.threads, progress: false, end: self.run.score_end, ..ScoreOptions::default() };
         let kernels = self.manifest.settings["cpu_kernels"].as_str().map(str::to_owned).unwrap_or_default();
