@@ -224,7 +224,7 @@ fn parallel_decoding_agrees_with_single_decoding_and_is_deterministic() {
 fn the_scorers_exact_verdict_agrees_with_greedy_eval() {
     use d2c_gguf::samples::read_samples;
     use d2c_gguf::score::{ScoreJob, ScoreOptions, Scorer};
-    let set = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set");
+    let set = common::demo_set();
     let mut scorer = Scorer::new(&common::base_model(), ScoreOptions { threads: Some(2), ..ScoreOptions::default() }).unwrap();
     let tasks = ["arith-add", "arith-mul", "case-kebab", "case-snake"];
     let samples: Vec<_> = tasks.iter().map(|t| read_samples(&set.join(format!("samples/{t}.jsonl"))).unwrap()).collect();

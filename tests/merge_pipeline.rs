@@ -433,39 +433,19 @@ fn a_killed_run_leaves_no_output_and_resumes_from_its_cache() {
     assert!(m.scoring.cached_sequences >= cached_before, "resume did not reuse the cache: {:?}", m.scoring);
 }
 
-/// The demo set: four tasks with trained adapters, whose own adapters reproduce most examples.
-fn demo_set() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set")
-}
-
-/// A task set of the demo set's `adapters` (linked), with the examples of `samples` linked
-/// (the others' are for the test to write).
-fn demo_tasks(adapters: &[&str], samples: &[&str]) -> tempfile::TempDir {
-    let dir = common::tempdir();
-    for sub in ["adapters", "samples"] {
-        std::fs::create_dir(dir.path().join(sub)).unwrap();
-    }
-    for task in adapters {
-        std::os::unix::fs::symlink(demo_set().join(format!("adapters/{task}.gguf")), dir.path().join(format!("adapters/{task}.gguf"))).unwrap();
-    }
-    for task in samples {
-        std::os::unix::fs::symlink(demo_set().join(format!("samples/{task}.jsonl")), dir.path().join(format!("samples/{task}.jsonl"))).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
     // Trained adapters (the demo set's), with three of case-snake's completions made wrong:
     // its own adapter answers those otherwise, and `--targets own` judges them by its answers.
-    let dir = demo_tasks(&["case-kebab", "case-snake"], &["case-kebab"]);
-    let written = std::fs::read_to_string(demo_set().join("samples/case-snake.jsonl")).unwrap();
+    let dir = common::tempdir();
+    let (_, samples) = common::demo_subset(dir.path(), &["case-kebab", "case-snake"]);
+    let written = std::fs::read_to_string(samples.join("case-snake.jsonl")).unwrap();
     let mut lines: Vec<serde_json::Value> = written.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for (i, line) in lines.iter_mut().take(3).enumerate() {
         line["completion"] = format!(" not_the_answer_{i}").into();
     }
     let corrupted: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    std::fs::write(dir.path().join("samples/case-snake.jsonl"), corrupted).unwrap();
+    std::fs::write(samples.join("case-snake.jsonl"), corrupted).unwrap();
 
     // What the own adapters answer, through `eval` (generation, not the scorer's verdict).
     let (code, o, e) = common::run_cli(&[
@@ -511,40 +491,38 @@ fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
     // `add` and `remove` judge as the set was merged: the new task against its own adapter's
     // answers too, and the counts follow the task in and out.
     let added = dir.path().join("own-add");
-    let (code, o, e) = common::run_cli(&[
-        "add",
-        "--manifest",
-        common::path_str(&dir.path().join("own/manifest.json")),
-        "--adapter",
-        common::path_str(&demo_set().join("adapters/arith-add.gguf")),
-        "--samples",
-        common::path_str(&demo_set().join("samples/arith-add.jsonl")),
-        "--out",
-        common::path_str(&added),
-        "--base",
-        common::path_str(&common::base_model()),
-        "--threads",
-        "2",
-    ]);
+    let base = common::base_model();
+    let update_tail = ["--base", common::path_str(&base), "--threads", "2"];
+    let (code, o, e) = common::run_cli(
+        &[
+            &[
+                "add",
+                "--manifest",
+                common::path_str(&dir.path().join("own/manifest.json")),
+                "--adapter",
+                common::path_str(&common::demo_set().join("adapters/arith-add.gguf")),
+                "--samples",
+                common::path_str(&common::demo_set().join("samples/arith-add.jsonl")),
+                "--out",
+                common::path_str(&added),
+            ][..],
+            &update_tail,
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{o}{e}");
     let with_new = Manifest::read(&added.join("manifest.json")).unwrap();
     assert_eq!(with_new.settings["targets"], "own");
     assert!(with_new.settings["targets_replaced"]["arith-add"].is_u64(), "{}", with_new.settings);
     assert_eq!(with_new.scores["arith-add"].exact_own, 1.0, "{:?}", with_new.scores["arith-add"]);
     let removed = dir.path().join("own-removed");
-    let (code, o, e) = common::run_cli(&[
-        "remove",
-        "--manifest",
-        common::path_str(&added.join("manifest.json")),
-        "--task",
-        "arith-add",
-        "--out",
-        common::path_str(&removed),
-        "--base",
-        common::path_str(&common::base_model()),
-        "--threads",
-        "2",
-    ]);
+    let (code, o, e) = common::run_cli(
+        &[
+            &["remove", "--manifest", common::path_str(&added.join("manifest.json")), "--task", "arith-add", "--out", common::path_str(&removed)][..],
+            &update_tail,
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{o}{e}");
     let without = Manifest::read(&removed.join("manifest.json")).unwrap();
     assert_eq!(without.settings["targets_replaced"], own.settings["targets_replaced"]);
@@ -554,7 +532,8 @@ fn own_targets_hold_each_task_to_what_its_own_adapter_answers() {
 fn the_soft_objective_counts_each_example_by_its_margin() {
     // Trained adapters (the demo set's), so that the own adapters reproduce examples: the
     // synthetic set's reproduce none and would leave the soft term unused.
-    let dir = demo_tasks(&["case-kebab", "case-snake"], &["case-kebab", "case-snake"]);
+    let dir = common::tempdir();
+    common::demo_subset(dir.path(), &["case-kebab", "case-snake"]);
     let out = dir.path().join("soft");
     let (code, o, e) = merge_set(dir.path(), &["--budget", "1", "--method", "svd", "--no-tune", "--objective", "soft"], &out);
     assert_eq!(code, 0, "{o}{e}");

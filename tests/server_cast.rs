@@ -62,7 +62,7 @@ fn cast_outputs_load_and_act_in_llama_server() {
 #[test]
 fn real_adapters_in_lower_bit_types_answer_their_tests_as_f16_does() {
     let model = common::base_model();
-    let set = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set");
+    let set = common::demo_set();
     let dir = common::tempdir();
     let tasks = ["arith-add", "arith-mul", "case-kebab", "case-snake"];
     let types = [DType::F16, DType::Q8_0, DType::Q5_0, DType::Q4_0];

@@ -6,26 +6,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use d2c_gguf::manifest::Manifest;
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set")
-}
-
-/// Copies of some of the demo set's tasks under `dir`: (adapters dir, samples dir).
-fn demo_subset(dir: &Path, tasks: &[&str]) -> (PathBuf, PathBuf) {
-    let (adapters, samples) = (dir.join("adapters"), dir.join("samples"));
-    std::fs::create_dir_all(&adapters).unwrap();
-    std::fs::create_dir_all(&samples).unwrap();
-    for task in tasks {
-        std::fs::copy(demo().join(format!("adapters/{task}.gguf")), adapters.join(format!("{task}.gguf"))).unwrap();
-        std::fs::copy(demo().join(format!("samples/{task}.jsonl")), samples.join(format!("{task}.jsonl"))).unwrap();
-    }
-    (adapters, samples)
-}
 
 /// Adapter file name -> bytes, for every adapter of the set at `dir`.
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -64,8 +48,8 @@ fn add_writes_one_file_and_remove_gives_the_merged_set_back() {
     assert_eq!(before.inputs.len(), 3, "merge records where each task came from");
     assert_eq!(before.inputs["arith-mul"].adapter, adapters.join("arith-mul.gguf").canonicalize().unwrap());
 
-    let snake = demo().join("adapters/case-snake.gguf");
-    let snake_samples = demo().join("samples/case-snake.jsonl");
+    let snake = demo_set().join("adapters/case-snake.gguf");
+    let snake_samples = demo_set().join("samples/case-snake.jsonl");
     let merged_manifest = merged.join("manifest.json");
     let add = |out: &Path, extra: &[&str]| {
         let args = [
@@ -177,8 +161,8 @@ fn updates_refuse_what_would_not_give_the_set_back() {
     ]);
     let manifest = merged.join("manifest.json");
     let out = dir.path().join("out");
-    let snake = demo().join("adapters/case-snake.gguf");
-    let snake_samples = demo().join("samples/case-snake.jsonl");
+    let snake = demo_set().join("adapters/case-snake.gguf");
+    let snake_samples = demo_set().join("samples/case-snake.jsonl");
     let add = |extra: &[&str]| -> Vec<String> {
         [&["add", "--manifest", path_str(&manifest), "--adapter", path_str(&snake), "--samples", path_str(&snake_samples)][..], extra]
             .concat()

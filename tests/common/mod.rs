@@ -8,6 +8,25 @@ use std::process::Command;
 #[allow(unused_imports)] // each test binary uses some of them
 pub use d2c_test_assets::{base_model, cache_dir, llama_server, path_str, python};
 
+/// The demo set: four tasks with trained adapters, whose own adapters reproduce most of
+/// their examples.
+pub fn demo_set() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo-set")
+}
+
+/// Copies of some of the demo set's tasks under `dir` (copies, so a test may change them):
+/// (adapters dir, samples dir).
+pub fn demo_subset(dir: &Path, tasks: &[&str]) -> (PathBuf, PathBuf) {
+    let (adapters, samples) = (dir.join("adapters"), dir.join("samples"));
+    std::fs::create_dir_all(&adapters).unwrap();
+    std::fs::create_dir_all(&samples).unwrap();
+    for task in tasks {
+        std::fs::copy(demo_set().join(format!("adapters/{task}.gguf")), adapters.join(format!("{task}.gguf"))).unwrap();
+        std::fs::copy(demo_set().join(format!("samples/{task}.jsonl")), samples.join(format!("{task}.jsonl"))).unwrap();
+    }
+    (adapters, samples)
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_d2c-gguf"))
 }
